@@ -1,0 +1,219 @@
+"""`dsc.compile(model, plan)` and the `CompiledModel` it returns.
+
+Public contract (later features keep it):
+    compiled = dsc.compile(model, plan, example_inputs=..., optimizer=None, loss_fn=None)
+    out = compiled(*inputs)        # forward through this rank's compiled graph
+    compiled.backward(loss)        # divides by gradient_accumulation_steps, reduces at boundaries
+    compiled.step()                # optimizer + scheduler + zero_grad at accumulation boundaries
+    compiled.plan                  # the resolved Plan
+    compiled.report()              # structured report (same object as `dsc compile --format json`)
+    compiled.explain()             # the report as text
+    compiled.full_state_dict()     # full parameters under the model's own state_dict keys
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from dsc.runtime.lr_schedules import build_scheduler
+from dsc.runtime.mesh import data_parallel_group, init_distributed
+from dsc.runtime.optim import build_optimizer
+from dsc.runtime.zero import ZeroEngine
+from dsc.schemas import load_plan
+
+from . import __version__
+from .capture import call_args, capture
+from .pipeline import RankProgram, compile_rank
+from .report import build_report, explain
+
+
+class _WithLoss(nn.Module):
+    """model + loss in one module, so the loss is part of the captured graph."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, *args):
+        *inputs, target = args
+        return self.loss_fn(self.model(*inputs), target)
+
+
+def model_info(model: nn.Module) -> dict[str, Any]:
+    """What plan resolution may use about the model ("auto" bucket sizes)."""
+    cfg = getattr(model, "config", None)
+    hidden = None
+    for key in ("hidden_size", "n_embd", "d_model", "dim"):
+        hidden = hidden or getattr(cfg, key, None)
+    num = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return {"num_params": num, "hidden_size": hidden}
+
+
+def compile(
+    model: nn.Module,
+    plan: Any,
+    *,
+    example_inputs: Any = None,
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    loss_fn: Callable | None = None,
+    strict: bool = False,
+) -> "CompiledModel":
+    """Compile `model` for the calling rank under `plan` (a Plan, dict, JSON path or ds_config).
+
+    Under torchrun the process group is joined (or the existing one used) and the program is
+    compiled for this rank; otherwise for world size 1. `example_inputs` is a tuple of positional
+    inputs, a dict of keyword inputs, or `(args, kwargs)`; when omitted, capture happens at the
+    first call. `optimizer` optionally replaces the plan's optimizer: a function from a list of
+    parameters to a torch optimizer that updates element by element (shards are flat tensors).
+    `loss_fn(output, target)` puts the loss into the graph: the compiled forward then takes
+    `(*inputs, target)` and returns the loss.
+    """
+    init_distributed()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    resolved = load_plan(plan, world_size=world, strict=strict, model_info=model_info(model))
+    if loss_fn is not None:
+        model = _WithLoss(model, loss_fn)
+    compiled = CompiledModel(model, resolved, rank, world, optimizer)
+    if example_inputs is not None:
+        compiled._compile(*call_args(example_inputs))
+    return compiled
+
+
+class CompiledModel(nn.Module):
+    """A model compiled for one rank. Behaves as an nn.Module; adds the training API."""
+
+    def __init__(self, model: nn.Module, plan, rank: int, world_size: int,
+                 optimizer: Callable | None = None):
+        super().__init__()
+        object.__setattr__(self, "_model", model)  # not a submodule: parameters are listed once
+        self._plan = plan
+        self.rank = rank
+        self.world_size = world_size
+        self._optimizer_fn = optimizer
+        self._program: RankProgram | None = None
+        self._captured = None
+        self._eval_gm = None
+        self._engine: ZeroEngine | None = None
+        self.training = model.training
+
+    # -- compile ----------------------------------------------------------------------------------
+    def _compile(self, args: tuple, kwargs: dict) -> None:
+        self._captured = capture(self._model, args, kwargs)
+        self._program = compile_rank(self._captured, self._plan, self.rank, self.world_size, args, kwargs)
+        self.module = self._program.gm  # registered: named_parameters() keep the original names
+        self._build_runtime()
+
+    def _build_runtime(self) -> None:
+        plan = self._plan
+        layout = self._program.artifacts["zero_layout"]
+        params = dict(self._program.gm.named_parameters(remove_duplicate=True))
+        if plan.optimizer is None and self._optimizer_fn is None:
+            return  # inference: nothing to reduce or update
+        if self._optimizer_fn is not None:
+            make_opt = self._optimizer_fn
+        else:
+            make_opt = lambda ps: build_optimizer(ps, plan.optimizer)  # noqa: E731
+        make_sched = (lambda opt: build_scheduler(opt, plan.scheduler)) if plan.scheduler else None
+        group = data_parallel_group(plan.parallel.data_parallel_size)
+        self._engine = ZeroEngine(params, layout, make_opt, make_sched, group,
+                                  plan.batch.gradient_accumulation_steps, plan.gradient_clipping)
+
+    @property
+    def compiled(self) -> bool:
+        return self._program is not None
+
+    # -- nn.Module --------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        if self._program is None:
+            self._compile(args, kwargs)
+        if not self.training and self._captured.training:
+            return self._eval_graph(args, kwargs)(*args, **kwargs)
+        return self._program.gm(*args, **kwargs)
+
+    def _eval_graph(self, args, kwargs):
+        """Captured lazily: dropout and friends are baked into a graph as train or eval."""
+        if self._eval_gm is None:
+            was = self._model.training
+            self._model.eval()
+            try:
+                self._eval_gm = capture(self._model, args, kwargs).gm
+            finally:
+                self._model.train(was)
+        return self._eval_gm
+
+    def train(self, mode: bool = True):
+        self.training = mode  # exported graphs refuse .train(); the graph choice happens in forward
+        return self
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self._engine is not None:
+            self._engine.zero_grad()
+
+    # -- training API -----------------------------------------------------------------------------
+    @property
+    def engine(self) -> ZeroEngine:
+        if self._engine is None:
+            raise RuntimeError("no training runtime: call the model once (or pass example_inputs), "
+                               "and give the plan an 'optimizer' section")
+        return self._engine
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss, divided by gradient_accumulation_steps."""
+        engine = self.engine
+        engine.begin_backward()
+        (loss / engine.accumulation_steps).backward()
+
+    def step(self) -> bool:
+        """Optimizer and scheduler step at an accumulation boundary; a no-op between them."""
+        return self.engine.step()
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return self.engine.is_boundary
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer
+
+    @property
+    def lr_scheduler(self):
+        return self.engine.scheduler
+
+    def get_lr(self) -> list[float]:
+        return [g["lr"] for g in self.engine.optimizer.param_groups]
+
+    @property
+    def global_steps(self) -> int:
+        return self.engine.global_step if self._engine else 0
+
+    # -- inspection -------------------------------------------------------------------------------
+    @property
+    def plan(self):
+        """The resolved plan: every default, derived and "auto" value filled in."""
+        return self._plan
+
+    def report(self) -> dict[str, Any]:
+        """What the compiler decided for this rank, as a JSON-serializable dict."""
+        if self._program is None:
+            raise RuntimeError("not compiled yet: call the model once or pass example_inputs")
+        return build_report(self._model, self._plan, self._captured, [self._program])
+
+    def explain(self) -> str:
+        return explain(self.report())
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held right now for trainable params, grads and optimizer state (live tensors)."""
+        return self.engine.live_bytes()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full parameters and buffers under the original model's state_dict keys (copies)."""
+        model = self._model.model if isinstance(self._model, _WithLoss) else self._model
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+__all__ = ["compile", "CompiledModel", "__version__"]

@@ -1,0 +1,69 @@
+"""The structured report of a compile: one JSON object for `compiled.report()` and the CLI.
+
+Shape (stable keys; later passes add to `passes` and to each rank):
+    {"dsc_version", "world_size", "model": {...}, "capture": {...}, "plan": {...},
+     "sources": {key path: origin}, "passes": [pass records of rank 0],
+     "ranks": [{"rank", "coords", "memory": {"params_bytes", "grads_bytes", "optimizer_bytes",
+                "activations_bytes", "buffers_bytes", "total_bytes"}, "comm_bytes_per_step",
+                "collectives": [...]}]}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import __version__
+from .analyze import parameter_bytes
+
+
+def build_report(model, plan, captured, programs) -> dict[str, Any]:
+    trainable, frozen, buffers = parameter_bytes(programs[0].gm)
+    return {
+        "dsc_version": __version__,
+        "world_size": programs[0].world_size,
+        "model": {"class": type(model).__name__, "trainable_params": trainable,
+                  "frozen_params_bytes": frozen, "buffers_bytes": buffers},
+        "capture": {"strategy": captured.strategy, "seconds": round(captured.seconds, 3),
+                    "notes": list(captured.notes), "training": captured.training},
+        "plan": plan.model_dump(mode="json"),
+        "sources": dict(plan.sources),
+        "passes": programs[0].passes,
+        "ranks": [p.rank_report() for p in programs],
+    }
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.2f} MiB"
+
+
+def explain(report: dict[str, Any]) -> str:
+    """The report as text: plan, pass log, per-rank memory and communication."""
+    out = [f"dsc {report['dsc_version']}: {report['model']['class']} "
+           f"({report['model']['trainable_params']:,} trainable parameters) on {report['world_size']} rank(s)",
+           f"capture: {report['capture']['strategy']} in {report['capture']['seconds']} s"]
+    out += [f"  note: {n}" for n in report["capture"]["notes"]]
+    out.append("")
+    out.append("resolved plan (value  <- where it came from):")
+    for key, origin in sorted(report["sources"].items()):
+        value: Any = report["plan"]
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        out.append(f"  {key:<36} {value!s:<14} <- {origin}")
+    out.append("")
+    out.append("passes:")
+    for p in report["passes"]:
+        out.append(f"  {p['name']:<20} {p['summary']}")
+        for d in p["declined"]:
+            out.append(f"  {'':<20}   declined {d['what']}: {d['reason']}")
+    out.append("")
+    head = f"  {'rank':>4}  {'params':>12}  {'grads':>12}  {'optimizer':>12}  {'activations':>12}  {'comm/step':>12}"
+    out.append("per-rank memory and communication:")
+    out.append(head)
+    for r in report["ranks"]:
+        m = r["memory"]
+        out.append(f"  {r['rank']:>4}  {_mib(m['params_bytes']):>12}  {_mib(m['grads_bytes']):>12}  "
+                   f"{_mib(m['optimizer_bytes']):>12}  {_mib(m['activations_bytes']):>12}  "
+                   f"{_mib(r['comm_bytes_per_step']):>12}")
+    out.append("  (activations: upper bound, every forward intermediate kept for backward; "
+               "comm: bytes each rank sends per optimizer step, ring algorithms)")
+    return "\n".join(out)

@@ -1,0 +1,232 @@
+"""ZeRO stages 0-2: plan gradient buckets and shards from the captured graph.
+
+Requires: a captured GraphModule whose trainable parameters are read by `get_attr` nodes.
+Guarantees: `ctx.artifacts["zero_layout"]`, a `ZeroLayout` that places every trainable
+parameter used by the graph in exactly one bucket; buckets are contiguous ranges of one flat
+buffer, ordered as backward produces gradients (reverse order of first use in forward), so a
+bucket fills up and can be reduced while backward is still running. Each bucket is padded to a
+multiple of the data-parallel size and split into equal chunks; rank r owns chunk r of every
+bucket (its shard). Stage 0 does not shard (one chunk per bucket).
+Reads node.meta: none. Writes node.meta: `dsc.bucket` on each parameter's get_attr node.
+
+The runtime (`dsc.runtime.zero`) executes this table: it never decides placement itself.
+Per-rank bytes it implies (fp32, Ψ = padded elements, N = dp size, S = shard elements):
+
+| stage | params | grads | optimizer state (Adam: 2 per element) |
+|-------|--------|-------|---------------------------------------|
+| 0     | 4Ψ     | 4Ψ    | 8Ψ                                    |
+| 1     | 4Ψ     | 4Ψ    | 8S ≈ 8Ψ/N                             |
+| 2     | 4Ψ     | 4S    | 8S                                    |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+
+from dsc.pass_manager import CompileContext, InvariantError, PassResult
+
+# Optimizer state elements per parameter element, and 0-d tensors per optimizer param (step).
+STATE_PER_ELEMENT = {"adamw": 2, "adam": 2, "sgd": 0, "sgd_momentum": 1, None: 0}
+STEP_TENSORS = {"adamw": 1, "adam": 1, "sgd": 0, "sgd_momentum": 0, None: 0}
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One parameter's place inside its bucket."""
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    offset: int  # element offset inside the bucket
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A contiguous range of the flat buffer, reduced as one collective."""
+
+    index: int
+    offset: int  # element offset in the flat buffer
+    numel: int  # elements used by parameters
+    padded: int  # numel rounded up to a multiple of `shards`
+    chunk: int  # padded // shards: what one rank owns
+    slots: tuple[Slot, ...]
+
+
+@dataclass(frozen=True)
+class ZeroLayout:
+    """Where every trainable parameter, gradient and optimizer-state element lives on a rank."""
+
+    stage: int
+    rank: int
+    dp: int
+    shards: int  # dp for stage >= 1, 1 for stage 0
+    element_size: int
+    buckets: tuple[Bucket, ...]
+    overlap_comm: bool
+    excluded: tuple[tuple[str, str], ...] = field(default=())  # (parameter, reason)
+
+    @property
+    def numel(self) -> int:
+        return sum(b.numel for b in self.buckets)
+
+    @property
+    def padded(self) -> int:
+        return sum(b.padded for b in self.buckets)
+
+    @property
+    def shard_numel(self) -> int:
+        return sum(b.chunk for b in self.buckets)
+
+    def memory(self, optimizer: str | None) -> dict[str, int]:
+        """Analytic bytes this rank holds for trainable params, grads and optimizer state."""
+        e = self.element_size
+        opt_elems = self.padded if self.stage == 0 else self.shard_numel
+        return {
+            "params_bytes": e * self.padded,
+            "grads_bytes": e * (self.shard_numel if self.stage >= 2 else self.padded),
+            "optimizer_bytes": e * STATE_PER_ELEMENT[optimizer] * opt_elems
+            + 4 * STEP_TENSORS[optimizer] * len(self.buckets),
+        }
+
+    def collectives(self, accumulation_steps: int) -> list[dict]:
+        """Every collective one optimizer step issues on this rank, with bytes sent (ring)."""
+        e, n = self.element_size, self.dp
+        out = []
+        if n == 1:
+            return out
+        for b in self.buckets:
+            payload = e * b.padded
+            if self.stage == 0:
+                out.append({"op": "all_reduce", "bucket": b.index, "when": "backward (last micro-step)",
+                            "payload_bytes": payload, "sent_bytes": 2 * payload * (n - 1) // n, "times": 1})
+            else:
+                times = accumulation_steps if self.stage >= 2 else 1
+                when = "backward (every micro-step)" if self.stage >= 2 else "backward (last micro-step)"
+                out.append({"op": "reduce_scatter", "bucket": b.index, "when": when,
+                            "payload_bytes": payload, "sent_bytes": payload * (n - 1) // n, "times": times})
+        if self.stage >= 1:
+            for b in self.buckets:
+                payload = e * b.padded
+                out.append({"op": "all_gather", "bucket": b.index, "when": "step (updated params)",
+                            "payload_bytes": payload, "sent_bytes": payload * (n - 1) // n, "times": 1})
+        return out
+
+
+def _param_uses(gm: torch.fx.GraphModule) -> tuple[list[tuple[str, torch.nn.Parameter]], dict[str, int]]:
+    """Trainable parameters read by the graph, with the index of each one's first use."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    canonical = {id(p): n for n, p in gm.named_parameters(remove_duplicate=True)}  # tied: one name
+    first_use: dict[int, int] = {}
+    names: dict[int, str] = {}
+    params: dict[int, torch.nn.Parameter] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        try:
+            p = gm.get_parameter(node.target)
+        except AttributeError:
+            continue  # a buffer or constant
+        if not p.requires_grad:
+            continue
+        use = min((order[u] for u in node.users), default=None)
+        if use is None:
+            continue
+        key = id(p)
+        names[key] = canonical[key]
+        params[key] = p
+        first_use[key] = min(first_use.get(key, use), use)
+    ordered = sorted(first_use, key=lambda k: -first_use[k])  # backward order
+    return [(names[k], params[k]) for k in ordered], {names[k]: first_use[k] for k in ordered}
+
+
+def plan_zero_buckets(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
+    """Group trainable parameters into gradient buckets and shard them over data parallel."""
+    zero = ctx.plan.zero
+    dp = ctx.plan.parallel.data_parallel_size
+    shards = dp if zero.stage >= 1 else 1
+    used, _ = _param_uses(gm)
+    canonical = {id(p): n for n, p in gm.named_parameters(remove_duplicate=True)}
+    used_ids = {id(p) for _, p in used}
+    declined = []
+    seen = set()
+    for name, p in gm.named_parameters(remove_duplicate=True):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if not p.requires_grad:
+            declined.append({"what": name, "reason": "frozen (requires_grad=False): replicated, never reduced"})
+        elif id(p) not in used_ids:
+            declined.append({"what": name, "reason": "not used by the graph: gets no gradient, kept replicated"})
+
+    dtypes = {p.dtype for _, p in used}
+    if len(dtypes) > 1:
+        raise InvariantError(f"zero: trainable parameters have mixed dtypes {sorted(map(str, dtypes))}; "
+                             "fp32 training needs one dtype (mixed precision is not supported yet)")
+    element_size = next(iter(used))[1].element_size() if used else 4
+
+    buckets: list[Bucket] = []
+    limit = zero.reduce_bucket_size
+    pending: list[Slot] = []
+    size = 0
+    offset = 0
+
+    def close():
+        nonlocal pending, size, offset
+        padded = -(-size // shards) * shards
+        buckets.append(Bucket(len(buckets), offset, size, padded, padded // shards, tuple(pending)))
+        offset += padded
+        pending, size = [], 0
+
+    for name, p in used:
+        if pending and size + p.numel() > limit:
+            close()
+        pending.append(Slot(name, tuple(p.shape), p.numel(), size))
+        size += p.numel()
+    if pending:
+        close()
+
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            try:
+                name = canonical.get(id(gm.get_parameter(node.target)))
+            except AttributeError:
+                continue
+            for b in buckets:
+                if any(s.name == name for s in b.slots):
+                    node.meta["dsc.bucket"] = b.index
+
+    layout = ZeroLayout(zero.stage, ctx.rank, dp, shards, element_size, tuple(buckets), zero.overlap_comm,
+                        tuple((d["what"], d["reason"]) for d in declined))
+    ctx.artifacts["zero_layout"] = layout
+    return PassResult(
+        summary=(f"ZeRO-{zero.stage} over dp={dp}: {sum(len(b.slots) for b in buckets)} parameters "
+                 f"({layout.numel:,} elements, {layout.padded - layout.numel} padding) in {len(buckets)} "
+                 f"bucket(s) of <= {limit:,} elements; this rank owns {layout.shard_numel:,} elements"),
+        details={
+            "stage": zero.stage,
+            "buckets": [{"index": b.index, "elements": b.numel, "padded": b.padded, "chunk": b.chunk,
+                         "params": [s.name for s in b.slots]} for b in buckets],
+            "overlap_comm": zero.overlap_comm,
+        },
+        declined=declined,
+    )
+
+
+def check_zero_layout(gm: torch.fx.GraphModule, ctx: CompileContext) -> None:
+    """Every used trainable parameter is in exactly one bucket; buckets tile the flat buffer."""
+    layout: ZeroLayout = ctx.artifacts["zero_layout"]
+    used, _ = _param_uses(gm)
+    placed = [s.name for b in layout.buckets for s in b.slots]
+    if len(placed) != len(set(placed)):
+        raise InvariantError("a parameter is placed in two buckets")
+    missing = {n for n, _ in used} - set(placed)
+    if missing:
+        raise InvariantError(f"parameters without a bucket: {sorted(missing)}")
+    offset = 0
+    for b in layout.buckets:
+        if b.offset != offset or b.padded % layout.shards or b.padded < b.numel:
+            raise InvariantError(f"bucket {b.index} does not tile the flat buffer")
+        offset += b.padded

@@ -1,0 +1,1 @@
+"""dsc.runtime: what executes compiled rank programs on torch.distributed."""

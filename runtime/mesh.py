@@ -1,0 +1,53 @@
+"""Process groups: initialise torch.distributed the way torchrun expects, and build the mesh.
+
+dsc adds no transport: ranks talk through torch.distributed (gloo on CPU, NCCL on GPU), arranged
+on a `DeviceMesh` whose dimensions are named after the parallelism that uses them ("dp" now;
+"tp", "pp", "ep" later). A timeout bounds every collective, so a rank that dies cannot leave the
+others waiting forever (torchrun also tears the whole job down when one worker exits non-zero).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 300
+
+
+def device_type() -> str:
+    """'cuda' when this process has a GPU and torch was built with NCCL, else 'cpu'."""
+    return "cuda" if torch.cuda.is_available() and dist.is_nccl_available() else "cpu"
+
+
+def init_distributed(timeout_s: float | None = None) -> bool:
+    """Join the job torchrun started (RANK/WORLD_SIZE/MASTER_ADDR in the environment).
+
+    Returns True when a process group exists afterwards. Does nothing outside torchrun or when a
+    group already exists. `DSC_TIMEOUT` (seconds) overrides the default collective timeout.
+    """
+    if dist.is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "MASTER_ADDR" not in os.environ:
+        return False
+    timeout = float(timeout_s or os.environ.get("DSC_TIMEOUT", DEFAULT_TIMEOUT_S))
+    backend = "nccl" if device_type() == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    return True
+
+
+def data_parallel_group(dp: int):
+    """The process group of this rank's data-parallel replicas (None in a single process)."""
+    if not dist.is_initialized():
+        if dp != 1:
+            raise RuntimeError(f"the plan asks for data_parallel_size={dp} but no process group exists; "
+                               "launch with `dsc run --nproc N script.py` (torchrun)")
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device_type(), (dp,), mesh_dim_names=("dp",))
+    return mesh.get_group("dp")

@@ -1,0 +1,248 @@
+"""Data-parallel runtime for ZeRO stages 0, 1 and 2: executes a `ZeroLayout`.
+
+Memory (per rank, fp32):
+- Parameters are moved into one flat buffer laid out bucket by bucket; each model parameter
+  becomes a view of it (no copy is kept).
+- The optimizer never sees model parameters. It updates one "shard parameter" per bucket, a view
+  of this rank's chunk of that bucket in the flat buffer (stage 0: the whole bucket), so fp32
+  training keeps no master copy. After the step, stage >= 1 all-gathers each bucket.
+- Stage 0/1: gradients accumulate in a flat gradient buffer (each `param.grad` is a view of it).
+  At the last micro-step of an accumulation window each bucket is reduced as soon as backward has
+  produced all its gradients: stage 0 all-reduces it, stage 1 reduce-scatters it and keeps its
+  chunk. Stage 2: no full gradient buffer exists; every micro-step, each parameter's gradient is
+  copied into a transient bucket buffer and dropped, full buckets are reduce-scattered, and this
+  rank's chunk is added to a gradient shard of S elements.
+- With `overlap_comm`, bucket collectives are asynchronous and are waited for once, at the end
+  of backward; otherwise each runs to completion inside backward.
+
+Gradients are averaged over data-parallel ranks (sum, then divide by N), and the loss is divided
+by the accumulation steps in `backward`, so the result equals the mean-loss gradient of the global
+batch, as in DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from dsc.passes.zero import Bucket, ZeroLayout
+from dsc.runtime import collectives as C
+
+
+class ZeroEngine:
+    """Owns the flat buffers, gradient hooks, optimizer and scheduler of one data-parallel rank."""
+
+    def __init__(
+        self,
+        params: dict[str, torch.nn.Parameter],
+        layout: ZeroLayout,
+        build_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None,
+        build_scheduler: Callable[[torch.optim.Optimizer], object] | None,
+        group: dist.ProcessGroup | None,
+        accumulation_steps: int,
+        clip: float,
+    ):
+        self.layout = layout
+        self.group = group
+        self.world = layout.dp
+        self.rank = layout.rank
+        self.accumulation_steps = accumulation_steps
+        self.clip = clip
+        self.micro_step = 0
+        self.global_step = 0
+        self.last_grad_norm: float | None = None
+        self._boundary = True
+        self._pending: list[tuple[object, Callable[[], None]]] = []
+        self._ready: dict[int, int] = {}
+        self._reduced: set[int] = set()
+        self._callback_queued = False
+
+        first = next(iter(params.values()))
+        dtype, device = first.dtype, first.device
+        self.flat = torch.zeros(layout.padded, dtype=dtype, device=device)
+        self.params = params
+        for b in layout.buckets:
+            for s in b.slots:
+                p = params[s.name]
+                view = self._slot(self.flat, b, s.offset, s.numel).view(s.shape)
+                view.copy_(p.data)
+                p.data = view
+
+        stage = layout.stage
+        self.shard_params = [torch.nn.Parameter(self._chunk(self.flat, b)) for b in layout.buckets]
+        if stage <= 1:
+            self.flat_grad = torch.zeros_like(self.flat)
+            for b in layout.buckets:
+                for s in b.slots:
+                    params[s.name].grad = self._slot(self.flat_grad, b, s.offset, s.numel).view(s.shape)
+            for sp, b in zip(self.shard_params, layout.buckets):
+                sp.grad = self._chunk(self.flat_grad, b)
+        else:
+            self.flat_grad = None
+            self.grad_shard = torch.zeros(layout.shard_numel, dtype=dtype, device=device)
+            offset = 0
+            for sp, b in zip(self.shard_params, layout.buckets):
+                sp.grad = self.grad_shard[offset: offset + b.chunk]
+                offset += b.chunk
+            self._bucket_buf: dict[int, torch.Tensor] = {}
+
+        self._slot_of = {s.name: (b, s) for b in layout.buckets for s in b.slots}
+        self._hooks = [
+            params[name].register_post_accumulate_grad_hook(self._make_hook(name)) for name in self._slot_of
+        ]
+        self.optimizer = build_optimizer(self.shard_params) if build_optimizer else None
+        self.scheduler = build_scheduler(self.optimizer) if (build_scheduler and self.optimizer) else None
+
+    # -- layout helpers ---------------------------------------------------------------------------
+    def _slot(self, flat: torch.Tensor, b: Bucket, offset: int, numel: int) -> torch.Tensor:
+        return flat[b.offset + offset: b.offset + offset + numel]
+
+    def _chunk(self, flat: torch.Tensor, b: Bucket) -> torch.Tensor:
+        start = b.offset + (self.rank * b.chunk if self.layout.stage >= 1 else 0)
+        return flat[start: start + b.chunk]
+
+    # -- backward ---------------------------------------------------------------------------------
+    def begin_backward(self) -> None:
+        """Called before each micro-step's backward: decides whether this one is a boundary."""
+        self.micro_step += 1
+        self._boundary = self.micro_step % self.accumulation_steps == 0
+        self._ready.clear()
+        self._reduced.clear()
+
+    @property
+    def is_boundary(self) -> bool:
+        return self._boundary
+
+    def _make_hook(self, name: str):
+        def hook(p: torch.Tensor) -> None:
+            self._on_grad(name, p)
+
+        return hook
+
+    def _on_grad(self, name: str, p: torch.Tensor) -> None:
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+        b, s = self._slot_of[name]
+        if self.layout.stage >= 2:
+            buf = self._bucket_buf.get(b.index)
+            if buf is None:
+                buf = self._bucket_buf[b.index] = torch.zeros(b.padded, dtype=p.dtype, device=p.device)
+            buf[s.offset: s.offset + s.numel].add_(p.grad.reshape(-1))
+            p.grad = None
+        else:
+            view = self._slot(self.flat_grad, b, s.offset, s.numel).view(s.shape)
+            if p.grad is not view and p.grad.data_ptr() != view.data_ptr():
+                view.copy_(p.grad)  # someone replaced .grad (e.g. zero_grad(set_to_none=True))
+                p.grad = view
+            if not self._boundary:
+                return
+        self._ready[b.index] = self._ready.get(b.index, 0) + 1
+        if self._ready[b.index] == len(b.slots):
+            self._reduce(b)
+
+    def _reduce(self, b: Bucket) -> None:
+        """Launch the collective for a bucket whose gradients are all present."""
+        self._reduced.add(b.index)
+        overlap = self.layout.overlap_comm
+        n = self.world
+        if self.layout.stage == 0:
+            t = self.flat_grad[b.offset: b.offset + b.padded]
+            work = C.all_reduce_(t, self.group, n, async_op=overlap)
+            self._pending.append((work, lambda: t.div_(n)))
+            return
+        if self.layout.stage == 1:
+            src = self.flat_grad[b.offset: b.offset + b.padded]
+            dst = self._chunk(self.flat_grad, b)
+        else:
+            src = self._bucket_buf.pop(b.index)
+            dst = self.shard_params[b.index].grad
+        out = torch.empty(b.chunk, dtype=src.dtype, device=src.device)
+        work = C.reduce_scatter_(out, src, self.group, n, async_op=overlap)
+
+        def finish(out=out, dst=dst, src=src):  # src stays alive until the collective is done
+            if self.layout.stage == 1:
+                dst.copy_(out.div_(n))
+            else:
+                dst.add_(out.div_(n))
+
+        self._pending.append((work, finish))
+
+    def _end_backward(self) -> None:
+        """After backward: reduce buckets some of whose parameters got no gradient, then wait."""
+        self._callback_queued = False
+        if self.layout.stage >= 2 or self._boundary:
+            for b in self.layout.buckets:
+                if b.index in self._reduced:
+                    continue
+                if self.layout.stage >= 2 and b.index not in self._bucket_buf:
+                    self._bucket_buf[b.index] = torch.zeros(b.padded, dtype=self.flat.dtype, device=self.flat.device)
+                self._reduce(b)
+        for work, finish in self._pending:
+            if work is not None:
+                work.wait()
+            finish()
+        self._pending.clear()
+
+    # -- step -------------------------------------------------------------------------------------
+    def grad_norm(self) -> float:
+        """Global L2 norm of the averaged gradient, across shards."""
+        local = sum(float(sp.grad.double().pow(2).sum()) for sp in self.shard_params)
+        if self.layout.stage >= 1 and self.world > 1:
+            t = torch.tensor([local], dtype=torch.float64)
+            C.all_reduce_(t, self.group, self.world)
+            local = float(t[0])
+        return math.sqrt(local)
+
+    def step(self) -> bool:
+        """Optimizer + scheduler step at an accumulation boundary. Returns whether it stepped."""
+        if not self._boundary or self.micro_step == 0:
+            return False
+        if self.optimizer is None:
+            raise RuntimeError("this model was compiled without an optimizer (plan has no 'optimizer')")
+        self.last_grad_norm = self.grad_norm()
+        if self.clip > 0:
+            coef = self.clip / (self.last_grad_norm + 1e-6)
+            if coef < 1.0:
+                for sp in self.shard_params:
+                    sp.grad.mul_(coef)
+        self.optimizer.step()
+        if self.layout.stage >= 1:
+            works = []
+            for sp, b in zip(self.shard_params, self.layout.buckets):
+                full = self.flat[b.offset: b.offset + b.padded]
+                works.append(C.all_gather_(full, sp.detach().clone(), self.group, self.world,
+                                           async_op=self.world > 1))
+            for w in works:
+                if w is not None:
+                    w.wait()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.zero_grad()
+        self.global_step += 1
+        return True
+
+    def zero_grad(self) -> None:
+        if self.flat_grad is not None:
+            self.flat_grad.zero_()
+        else:
+            self.grad_shard.zero_()
+
+    # -- accounting -------------------------------------------------------------------------------
+    def live_bytes(self) -> dict[str, int]:
+        """Bytes actually held right now, counted from the live tensors (for tests and reports)."""
+        opt = 0
+        if self.optimizer is not None:
+            for state in self.optimizer.state.values():
+                for v in state.values():
+                    if torch.is_tensor(v):
+                        opt += v.numel() * v.element_size()
+        grads = (self.flat_grad if self.flat_grad is not None else self.grad_shard)
+        return {
+            "params_bytes": self.flat.numel() * self.flat.element_size(),
+            "grads_bytes": grads.numel() * grads.element_size(),
+            "optimizer_bytes": opt,
+        }

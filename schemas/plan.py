@@ -1,0 +1,352 @@
+"""The dsc plan: typed sections, validation, and resolution for a world size.
+
+A `Plan` is what a user writes (or what a DeepSpeed config translates to). `Plan.resolve` fills
+everything that depends on the world size or the model (data-parallel size, the batch triple,
+"auto" bucket sizes) and records in `Plan.sources` where every value came from.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator
+
+from .errors import PlanError, Problem
+
+__all__ = ["Plan", "Parallel", "Zero", "Optimizer", "Scheduler", "Precision", "Batch",
+           "DEFAULT_BUCKET_SIZE", "auto_bucket_size"]
+
+DEFAULT_BUCKET_SIZE = 500_000_000
+
+
+def _integral(v: Any) -> Any:
+    """Accept 5e8-style floats for int fields (DeepSpeed configs write them); refuse booleans."""
+    if isinstance(v, bool):
+        raise ValueError(f"{v!r} — expected an integer, not a boolean")
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+PositiveInt = Annotated[int, BeforeValidator(_integral), Field(gt=0)]
+BucketSize = Annotated[int, BeforeValidator(_integral), Field(gt=0)] | Literal["auto"]
+
+
+class Section(BaseModel):
+    """Base of every plan section: immutable, unknown keys rejected, docstrings as descriptions."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class Parallel(Section):
+    """How ranks are arranged. Only data parallelism exists in this version."""
+
+    data_parallel_size: PositiveInt | None = None
+    """Number of data-parallel replicas. Omit to use the whole world; must equal world_size for
+    now (tensor and pipeline parallelism are not available yet)."""
+    world_size: PositiveInt | None = None
+    """Total number of ranks. Filled by `Plan.resolve`; leave it out of plan files."""
+
+
+class Zero(Section):
+    """ZeRO data parallelism (DeepSpeed's ``zero_optimization``)."""
+
+    stage: int = 0
+    """0: plain data parallel (all-reduce). 1: optimizer states sharded. 2: optimizer states and
+    gradients sharded. Allowed: 0, 1, 2 (3 is planned)."""
+    reduce_bucket_size: BucketSize = DEFAULT_BUCKET_SIZE
+    """Gradient elements reduced per collective (DeepSpeed meaning: elements, not bytes).
+    "auto": hidden_size² when the model's hidden size is known, else 500,000,000."""
+    allgather_bucket_size: BucketSize = DEFAULT_BUCKET_SIZE
+    """Parameter elements all-gathered per collective after a sharded step. "auto" as above."""
+    overlap_comm: bool = False
+    """Overlap gradient reduction with the backward pass."""
+    reduce_scatter: bool = True
+    """Reduce gradients with reduce-scatter (True) or all-reduce (False)."""
+    contiguous_gradients: bool = True
+    """Copy gradients into one contiguous buffer as they are produced."""
+
+    @field_validator("stage", mode="before")
+    @classmethod
+    def _stage(cls, v: Any) -> Any:
+        v = _integral(v)
+        if v == 3:
+            raise ValueError("3 is not supported yet (ZeRO-3 is planned); allowed: 0, 1, 2")
+        if v not in (0, 1, 2):
+            raise ValueError(f"{v!r} — not allowed; allowed: 0, 1, 2")
+        return v
+
+
+class Optimizer(Section):
+    """The optimizer, built by dsc (sharded under ZeRO)."""
+
+    type: Literal["adamw", "adam", "sgd"]
+    """"adamw": torch.optim.AdamW (decoupled weight decay). "adam": torch.optim.Adam (L2 weight
+    decay added to the gradient). "sgd": torch.optim.SGD. Any case is accepted."""
+    lr: float = Field(1e-3, ge=0)
+    """Learning rate (the peak rate when a scheduler warms up to it)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam/AdamW moment decay rates."""
+    eps: float = Field(1e-8, ge=0)
+    """Adam/AdamW denominator epsilon."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Weight decay (decoupled for adamw, L2 for adam and sgd)."""
+    momentum: float = Field(0.0, ge=0)
+    """SGD momentum."""
+    dampening: float = Field(0.0, ge=0)
+    """SGD dampening."""
+    nesterov: bool = False
+    """SGD Nesterov momentum."""
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+
+class Scheduler(Section):
+    """Learning-rate schedule with DeepSpeed's semantics (deepspeed/runtime/lr_schedules.py)."""
+
+    type: Literal["WarmupLR", "WarmupDecayLR", "WarmupCosineLR"]
+    """WarmupLR: warm up then hold. WarmupDecayLR: warm up then decay linearly to 0 at
+    total_num_steps. WarmupCosineLR: warm up (as ratios of the optimizer lr) then cosine decay."""
+    warmup_min_lr: float = Field(0.0, ge=0)
+    """Learning rate at step 0 (WarmupLR, WarmupDecayLR)."""
+    warmup_max_lr: float = Field(0.001, ge=0)
+    """Learning rate at the end of warmup (WarmupLR, WarmupDecayLR)."""
+    warmup_num_steps: PositiveInt = 1000
+    """Warmup length in optimizer steps (DeepSpeed clamps it to at least 2)."""
+    warmup_type: Literal["log", "linear"] = "log"
+    """Warmup shape: logarithmic or linear."""
+    total_num_steps: PositiveInt | None = Field(None, validate_default=True)
+    """Run length in optimizer steps; required for WarmupDecayLR and WarmupCosineLR."""
+    warmup_min_ratio: float = Field(0.0, ge=0)
+    """WarmupCosineLR: start of warmup as a fraction of the optimizer lr."""
+    cos_min_ratio: float = Field(0.0001, ge=0)
+    """WarmupCosineLR: end of the cosine decay as a fraction of the optimizer lr."""
+
+    @field_validator("total_num_steps")
+    @classmethod
+    def _needs_total(cls, v: int | None, info) -> int | None:
+        kind = info.data.get("type")
+        if v is None and kind in ("WarmupDecayLR", "WarmupCosineLR"):
+            raise ValueError(f"required for {kind} (the decay needs the run length in steps)")
+        return v
+
+
+class Precision(Section):
+    """Numeric precision of training."""
+
+    dtype: Literal["fp32"] = "fp32"
+    """Parameter, gradient and optimizer-state dtype. Allowed: fp32 (bf16/fp16 are planned)."""
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _planned(cls, v: Any) -> Any:
+        if v in ("bf16", "fp16", "bfloat16", "float16"):
+            raise ValueError(f"{v!r} is not supported yet (mixed precision is planned); allowed: fp32")
+        return v
+
+
+class Batch(Section):
+    """Batch sizes, related by train_batch_size = micro_batch_size × gradient_accumulation_steps
+    × data_parallel_size (DeepSpeed's rule). Give any two, or one; `Plan.resolve` derives the rest."""
+
+    train_batch_size: PositiveInt | None = None
+    """Samples per optimizer step, summed over all data-parallel ranks."""
+    micro_batch_size: PositiveInt | None = None
+    """Samples per forward/backward on one rank (DeepSpeed's train_micro_batch_size_per_gpu)."""
+    gradient_accumulation_steps: PositiveInt | None = None
+    """Micro-batches accumulated per optimizer step."""
+
+
+RESERVED = ("tensor_parallel", "pipeline", "moe", "quantization", "pruning", "fusion", "checkpoint")
+
+
+class Plan(Section):
+    """A dsc training plan. Load one with `dsc.schemas.load_plan`; resolve it for a world size
+    with `Plan.resolve`; `Plan.sources` says where every resolved value came from."""
+
+    schema_version: Literal[1] = 1
+    """Version of this schema."""
+    parallel: Parallel = Parallel()
+    """Rank layout (data-parallel size)."""
+    zero: Zero = Zero()
+    """ZeRO sharding of optimizer states and gradients."""
+    optimizer: Optimizer | None = None
+    """Optimizer; None leaves the optimizer to the training script."""
+    scheduler: Scheduler | None = None
+    """Learning-rate schedule; None means a constant learning rate."""
+    precision: Precision = Precision()
+    """Numeric precision."""
+    batch: Batch = Batch()
+    """Batch sizes (resolved with the data-parallel size)."""
+    gradient_clipping: float = Field(0.0, ge=0)
+    """Clip the global gradient norm to this value; 0 turns clipping off."""
+    tensor_parallel: Any = None
+    """Reserved for tensor parallelism; not supported yet in this dsc version."""
+    pipeline: Any = None
+    """Reserved for pipeline parallelism; not supported yet in this dsc version."""
+    moe: Any = None
+    """Reserved for mixture-of-experts / expert parallelism; not supported yet in this dsc version."""
+    quantization: Any = None
+    """Reserved for weight quantization; not supported yet in this dsc version."""
+    pruning: Any = None
+    """Reserved for pruning; not supported yet in this dsc version."""
+    fusion: Any = None
+    """Reserved for kernel fusion; not supported yet in this dsc version."""
+    checkpoint: Any = None
+    """Reserved for checkpointing options; not supported yet in this dsc version."""
+
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @field_validator(*RESERVED)
+    @classmethod
+    def _reserved(cls, v: Any, info) -> Any:
+        if v is not None:
+            raise ValueError("not supported yet in this dsc version (remove the section)")
+        return v
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Origin of every leaf key path: "plan", "default", "derived (...)", "deepspeed:<key>",
+        or "auto: ...". Complete after `resolve`."""
+        return dict(self._sources) or leaf_sources(self)
+
+    def with_sources(self, given: dict[str, str]) -> "Plan":
+        """A copy whose sources are `given` over what the plan itself says (given or default)."""
+        new = self.model_copy()
+        new._sources = {**leaf_sources(self), **given}
+        return new
+
+    def resolve(self, world_size: int, *, model_info: dict | None = None) -> "Plan":
+        """Fill world and data-parallel size, the batch triple and "auto" values for `world_size`.
+
+        Raises PlanError naming the keys and numbers when they cannot be made consistent.
+        `model_info` may hold ``{"num_params": int, "hidden_size": int | None}``.
+        """
+        sources = {**leaf_sources(self), **self._sources}
+        problems: list[Problem] = []
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise PlanError([Problem("parallel.world_size", world_size,
+                                     f"{world_size!r} — must be a positive integer")])
+        dp = self.parallel.data_parallel_size
+        if dp is None:
+            dp = world_size
+            sources["parallel.data_parallel_size"] = f"derived (= world_size {world_size})"
+        elif dp != world_size:
+            problems.append(Problem(
+                "parallel.data_parallel_size", dp,
+                f"{dp} does not match world_size {world_size} (without tensor or pipeline "
+                "parallelism every rank is a data-parallel replica)"))
+        sources["parallel.world_size"] = f"derived (world size {world_size} given to resolve)"
+
+        b = self.batch
+        batch, reasons, batch_problems = resolve_batch(
+            b.train_batch_size, b.micro_batch_size, b.gradient_accumulation_steps, dp)
+        problems += batch_problems
+        for key, why in reasons.items():
+            sources[f"batch.{key}"] = why
+
+        zero_update = {}
+        for key in ("reduce_bucket_size", "allgather_bucket_size"):
+            if getattr(self.zero, key) == "auto":
+                zero_update[key], why = auto_bucket_size(model_info)
+                sources[f"zero.{key}"] = f"auto: {why}"
+        if problems:
+            raise PlanError(problems, f"plan cannot be resolved for world_size {world_size}")
+
+        new = self.model_copy(update={
+            "parallel": self.parallel.model_copy(
+                update={"world_size": world_size, "data_parallel_size": dp}),
+            "batch": self.batch.model_copy(update=batch),
+            "zero": self.zero.model_copy(update=zero_update),
+        })
+        new._sources = sources
+        return new
+
+    @classmethod
+    def from_deepspeed(cls, cfg: Any, world_size: int = 1, strict: bool = False,
+                       model_info: dict | None = None) -> "Plan":
+        """Translate a DeepSpeed config (dict, JSON text or path), validate and resolve it."""
+        from .load import load_plan
+        return load_plan(cfg, world_size=world_size, strict=strict, model_info=model_info,
+                         deepspeed=True)
+
+
+def leaf_sources(model: BaseModel, prefix: str = "") -> dict[str, str]:
+    """"plan" or "default" for every leaf key path, from pydantic's record of the keys given."""
+    out = {}
+    for name in type(model).model_fields:
+        path, value = prefix + name, getattr(model, name)
+        if isinstance(value, BaseModel):
+            out.update(leaf_sources(value, path + ".") if name in model.model_fields_set
+                       else {k: "default" for k in leaf_sources(value, path + ".")})
+        else:
+            out[path] = "plan" if name in model.model_fields_set else "default"
+    return out
+
+
+def auto_bucket_size(model_info: dict | None) -> tuple[int, str]:
+    """A ZeRO bucket size for "auto": hidden_size² (what HF Trainer/Accelerate fill in)."""
+    hidden = (model_info or {}).get("hidden_size")
+    if hidden:
+        return hidden * hidden, f"hidden_size² = {hidden}² = {hidden * hidden}"
+    return DEFAULT_BUCKET_SIZE, f"{DEFAULT_BUCKET_SIZE} (default; the model's hidden_size is unknown)"
+
+
+def resolve_batch(tbs: int | None, micro: int | None, gas: int | None, dp: int
+                  ) -> tuple[dict[str, int], dict[str, str], list[Problem]]:
+    """DeepSpeed's rule train_batch_size = micro × gas × dp: derive what is missing.
+
+    Returns (values, reasons for derived values, problems).
+    """
+    def bad(path, value, msg):
+        return {}, {}, [Problem(f"batch.{path}", value, msg)]
+
+    reasons = {}
+    if tbs is not None and micro is not None and gas is not None:
+        if tbs != micro * gas * dp:
+            return bad("train_batch_size", tbs,
+                       f"train_batch_size {tbs} != micro_batch_size {micro} × "
+                       f"gradient_accumulation_steps {gas} × data_parallel_size {dp} = {micro * gas * dp}")
+    elif tbs is not None and micro is not None:
+        if tbs % (micro * dp):
+            return bad("train_batch_size", tbs,
+                       f"train_batch_size {tbs} is not divisible by micro_batch_size {micro} × "
+                       f"data_parallel_size {dp}")
+        gas = tbs // (micro * dp)
+        reasons["gradient_accumulation_steps"] = (
+            f"derived (train_batch_size {tbs} / (micro_batch_size {micro} × data_parallel_size {dp}))")
+    elif tbs is not None:
+        if gas is None:
+            gas = 1
+            reasons["gradient_accumulation_steps"] = "derived (1: only train_batch_size given)"
+        if tbs % (gas * dp):
+            return bad("train_batch_size", tbs,
+                       f"train_batch_size {tbs} is not divisible by gradient_accumulation_steps "
+                       f"{gas} × data_parallel_size {dp}")
+        micro = tbs // (gas * dp)
+        reasons["micro_batch_size"] = (
+            f"derived (train_batch_size {tbs} / (gradient_accumulation_steps {gas} × "
+            f"data_parallel_size {dp}))")
+    elif micro is not None:
+        if gas is None:
+            gas = 1
+            reasons["gradient_accumulation_steps"] = "derived (1: only micro_batch_size given)"
+    elif gas is not None:
+        return bad("gradient_accumulation_steps", gas,
+                   f"{gas} given alone; also give micro_batch_size or train_batch_size "
+                   "(DeepSpeed: 'Either train_batch_size or train_micro_batch_size_per_gpu needs "
+                   "to be provided')")
+    else:
+        micro, gas = 1, 1
+        reasons["micro_batch_size"] = "derived (1: no batch size given)"
+        reasons["gradient_accumulation_steps"] = "derived (1: no batch size given)"
+    if tbs is None:
+        tbs = micro * gas * dp
+        reasons["train_batch_size"] = (
+            f"derived (micro_batch_size {micro} × gradient_accumulation_steps {gas} × "
+            f"data_parallel_size {dp})")
+    values = {"train_batch_size": tbs, "micro_batch_size": micro, "gradient_accumulation_steps": gas}
+    return values, reasons, []
