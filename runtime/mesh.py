@@ -30,8 +30,8 @@ def init_distributed(timeout_s: float | None = None) -> bool:
     """
     if dist.is_initialized():
         return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "MASTER_ADDR" not in os.environ:
-        return False
+    if not all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        return False  # not launched by torchrun: a single process
     timeout = float(timeout_s or os.environ.get("DSC_TIMEOUT", DEFAULT_TIMEOUT_S))
     backend = "nccl" if device_type() == "cuda" else "gloo"
     if backend == "nccl":
@@ -51,3 +51,14 @@ def data_parallel_group(dp: int):
 
     mesh = init_device_mesh(device_type(), (dp,), mesh_dim_names=("dp",))
     return mesh.get_group("dp")
+
+
+def shutdown() -> None:
+    """Leave the job cleanly: wait for every rank, then destroy the process groups.
+
+    Destroying while a peer still has gloo work in flight, or exiting without destroying, can
+    abort the process at interpreter teardown ("terminate called without an active exception").
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -11,12 +11,11 @@ engine.py ``_configure_basic_optimizer``); "auto" values follow what HF Trainer/
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import PlanError, Problem, did_you_mean
+from .errors import Problem, did_you_mean
 from .plan import auto_bucket_size
 
 __all__ = ["Translation", "translate_deepspeed", "is_deepspeed_config", "DEEPSPEED_KEYS"]
@@ -364,7 +363,8 @@ class _Translator:
             elif key in ZERO_NOTES or key.startswith("stage3_") or key in ZERO_RENAMED:
                 what = ZERO_NOTES.get(key, "ZeRO-3 setting")
                 auto = " ('auto' is filled by HF from the model)" if v == "auto" else ""
-                self.note(path, f"ignored: {what}{auto}; no effect at stage {stage}")
+                effect = "ZeRO-3 is not supported yet" if stage == 3 else f"no effect at stage {stage}"
+                self.note(path, f"ignored: {what}{auto}; {effect}")
             else:
                 self.warn(path, v, f"unknown ZeRO key{did_you_mean(key, ZERO_KNOWN)}; ignored")
 

@@ -92,7 +92,7 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
 
 def _unknown_key_message(key: str, fields: list[str], section: str) -> str:
     """'unknown key' with a did-you-mean over `fields`, or over DeepSpeed's spellings of them."""
-    hint = did_you_mean(key, fields)
+    hint = "" if key in DEEPSPEED_SPELLINGS else did_you_mean(key, fields)
     ds_key = difflib.get_close_matches(key, list(DEEPSPEED_SPELLINGS), n=1)
     if not hint and ds_key:
         target = DEEPSPEED_SPELLINGS[ds_key[0]]

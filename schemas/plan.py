@@ -29,7 +29,19 @@ def _integral(v: Any) -> Any:
 
 
 PositiveInt = Annotated[int, BeforeValidator(_integral), Field(gt=0)]
-BucketSize = Annotated[int, BeforeValidator(_integral), Field(gt=0)] | Literal["auto"]
+
+
+def _bucket(v: Any) -> Any:
+    """A positive element count (5e8 accepted) or "auto"."""
+    if v == "auto":
+        return v
+    v = _integral(v)
+    if not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{v!r} — expected a positive integer number of elements, or \"auto\"")
+    return v
+
+
+BucketSize = Annotated[int | Literal["auto"], BeforeValidator(_bucket)]
 
 
 class Section(BaseModel):
@@ -336,7 +348,7 @@ def resolve_batch(tbs: int | None, micro: int | None, gas: int | None, dp: int
             reasons["gradient_accumulation_steps"] = "derived (1: only micro_batch_size given)"
     elif gas is not None:
         return bad("gradient_accumulation_steps", gas,
-                   f"{gas} given alone; also give micro_batch_size or train_batch_size "
+                   f"gradient_accumulation_steps {gas} given alone; also give micro_batch_size or train_batch_size "
                    "(DeepSpeed: 'Either train_batch_size or train_micro_batch_size_per_gpu needs "
                    "to be provided')")
     else:

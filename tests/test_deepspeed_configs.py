@@ -96,7 +96,8 @@ def test_real_config(name, world_size, outcome, paths):
         assert errors == [], problems
         assert sorted(p.path for p in problems if p.severity == "warning") == sorted(paths)
         assert plan is not None and plan.parallel.world_size == world_size
-        assert any(s.startswith("deepspeed:") for s in plan.sources.values())
+        origins = ("plan", "default", "derived (", "deepspeed:", "auto: ")
+        assert all(s.startswith(origins) for s in plan.sources.values()), plan.sources
     else:
         assert plan is None and sorted(errors) == sorted(paths), problems
 

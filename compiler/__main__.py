@@ -1,0 +1,3 @@
+from dsc.cli import main
+import sys
+sys.exit(main())
