@@ -24,7 +24,7 @@ def _bytes(val) -> int:
 
 def annotate_shapes(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
     """Make sure every node has a fake `val`, and record its output bytes."""
-    missing = [n for n in gm.graph.nodes if n.op != "output" and "val" not in n.meta]
+    missing = [n for n in gm.graph.nodes if n.op in ("placeholder", "call_function") and "val" not in n.meta]
     propagated = False
     if missing and ctx.example_args and not ctx.example_kwargs:
         mode = FakeTensorMode(allow_non_fake_inputs=True)

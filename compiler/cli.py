@@ -36,6 +36,7 @@ def _load_model_file(path: str, entry: str):
         raise SystemExit(f"dsc: cannot import model file {path!r}")
     sys.path.insert(0, str(Path(path).resolve().parent))
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses and pickling look the module up by name
     spec.loader.exec_module(mod)
     missing = [n for n in (build_name, inputs_name) if not hasattr(mod, n)]
     if missing:

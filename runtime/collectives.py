@@ -20,6 +20,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
+# torch 2.13 renamed the single-tensor collectives; keep working on older releases.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 _OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "max": dist.ReduceOp.MAX}
 
 
@@ -48,7 +52,7 @@ def reduce_scatter(x: torch.Tensor, group: str, world: int) -> torch.Tensor:
     if world == 1:
         return flat.clone()
     out = flat.new_empty(flat.numel() // world)
-    dist.reduce_scatter_tensor(out, flat, group=_group(group))
+    _reduce_scatter(out, flat, group=_group(group))
     return out
 
 
@@ -64,7 +68,7 @@ def all_gather(x: torch.Tensor, group: str, world: int) -> torch.Tensor:
     if world == 1:
         return flat.clone()
     out = flat.new_empty(flat.numel() * world)
-    dist.all_gather_into_tensor(out, flat.contiguous(), group=_group(group))
+    _all_gather(out, flat.contiguous(), group=_group(group))
     return out
 
 
@@ -115,7 +119,7 @@ def reduce_scatter_(out: torch.Tensor, t: torch.Tensor, group, world: int, async
     if world == 1:
         out.copy_(t)
         return None
-    return dist.reduce_scatter_tensor(out, t, group=group, async_op=async_op)
+    return _reduce_scatter(out, t, group=group, async_op=async_op)
 
 
 def all_gather_(out: torch.Tensor, t: torch.Tensor, group, world: int, async_op: bool = False):
@@ -123,4 +127,4 @@ def all_gather_(out: torch.Tensor, t: torch.Tensor, group, world: int, async_op:
     if world == 1:
         out.copy_(t)
         return None
-    return dist.all_gather_into_tensor(out, t, group=group, async_op=async_op)
+    return _all_gather(out, t, group=group, async_op=async_op)

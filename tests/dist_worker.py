@@ -68,7 +68,8 @@ def main() -> None:
         state = compiled.full_state_dict()
         layout = compiled.report()["ranks"][0]
         results[stage] = {"losses": losses, "state": state, "memory": compiled.memory_bytes(),
-                          "analytic": layout["memory"], "lr": compiled.get_lr()}
+                          "analytic": layout["memory"], "lr": compiled.get_lr(),
+                          "numel": sum(p.numel() for p in model.parameters())}
         # every rank must hold the same full parameters after the all-gather
         flat = torch.cat([v.reshape(-1).float() for v in state.values()])
         ref = flat.clone()

@@ -84,6 +84,28 @@ def test_zero_stages_match_eager(tmp_path, model_name, world):
         torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL,
                                    msg=lambda m: f"ZeRO-{stage} losses: {m}")
         assert_params_close(res["state"], ref_state, noise, f"ZeRO-{stage} ws={world} {model_name}")
+        assert_memory_is_analytic(res, stage, world)
+
+
+def assert_memory_is_analytic(res: dict, stage: int, world: int) -> None:
+    """Bytes counted from every rank's live tensors equal the ZeRO formulas (fp32 AdamW).
+
+    Ψ = trainable elements (tied weights once), padded per bucket to a multiple of the dp size;
+    S = Ψ_padded / N elements per rank; Adam keeps exp_avg and exp_avg_sq (8 B/element) plus one
+    4-byte step counter per optimizer tensor (one per bucket).
+    """
+    analytic = res["analytic"]
+    psi = res["numel"]
+    padded = analytic["params_bytes"] // 4
+    assert padded >= psi and padded - psi < world * 64, (padded, psi)  # padding: < N per bucket
+    shard = padded // world if stage >= 1 else padded
+    for rank, live in enumerate(res["memory_all_ranks"]):
+        for key in ("params_bytes", "grads_bytes", "optimizer_bytes"):
+            assert live[key] == analytic[key], f"ZeRO-{stage} rank {rank} {key}: live {live[key]} != {analytic[key]}"
+        assert live["params_bytes"] == 4 * padded
+        assert live["grads_bytes"] == 4 * (shard if stage >= 2 else padded)
+        steps = live["optimizer_bytes"] - 8 * shard
+        assert 0 < steps <= 4 * 64 and steps % 4 == 0, f"Adam state beyond 8 B/element: {steps} B"
 
 
 @pytest.mark.slow

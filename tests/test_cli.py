@@ -1,0 +1,138 @@
+"""The real `dsc` command, run in a subprocess as users run it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT, dsc_cmd
+
+SHARED = ROOT.parent / "shared" / "ds_configs"
+GPT = str(ROOT / "examples" / "gpt.py")
+PLAN = str(ROOT / "examples" / "plan.json")
+
+
+def dsc(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([*dsc_cmd(), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_help_lists_every_command():
+    out = dsc("--help")
+    assert out.returncode == 0
+    for cmd in ("compile", "validate", "schema", "inspect", "run", "report"):
+        assert cmd in out.stdout
+
+
+def test_compile_json_has_the_contracted_shape():
+    out = dsc("compile", GPT, "--config", PLAN, "--world-size", "4", "--format", "json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert {"plan", "passes", "ranks", "sources"} <= report.keys()
+    assert [r["rank"] for r in report["ranks"]] == [0, 1, 2, 3]
+    for r in report["ranks"]:
+        assert {"params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes"} <= r["memory"].keys()
+        assert r["comm_bytes_per_step"] > 0
+    assert report["plan"]["parallel"]["data_parallel_size"] == 4
+    assert [p["name"] for p in report["passes"]] == ["annotate_shapes", "plan_zero_buckets", "estimate_costs"]
+    assert "compiling rank 4/4" in out.stderr  # progress on stderr, data on stdout
+
+
+def test_compile_zero2_shards_grads_and_states_by_world_size():
+    """ZeRO-2 bytes per rank: params 4Ψ, grads 4Ψ/N, Adam states 8Ψ/N (+ padding and step counters)."""
+    reports = {}
+    for n in (1, 2, 4):
+        out = dsc("compile", GPT, "--config", PLAN, "--world-size", str(n), "--format", "json")
+        assert out.returncode == 0, out.stderr
+        reports[n] = json.loads(out.stdout)["ranks"][0]["memory"]
+    psi = reports[1]["params_bytes"] // 4
+    for n in (2, 4):
+        m = reports[n]
+        assert m["params_bytes"] >= 4 * psi
+        assert 4 * psi // n <= m["grads_bytes"] < 4 * psi // n + 4 * n
+        assert 8 * psi // n <= m["optimizer_bytes"] < 8 * psi // n + 8 * n + 64
+
+
+def test_compile_text_and_artifact_folder(tmp_path):
+    out = dsc("compile", GPT, "--config", PLAN, "--world-size", "2", "--out", str(tmp_path / "art"))
+    assert out.returncode == 0, out.stderr
+    assert "per-rank memory and communication" in out.stdout
+    assert "zero.stage" in out.stdout and "<- plan" in out.stdout
+    art = tmp_path / "art"
+    assert {p.name for p in art.iterdir()} >= {"plan.json", "report.json", "rank0.py", "rank1.py"}
+    assert "dsc::reduce_scatter" in (art / "rank1.py").read_text()
+    shown = dsc("inspect", str(art))
+    assert shown.returncode == 0 and "per-rank memory" in shown.stdout
+    graph = dsc("inspect", str(art), "--rank", "1")
+    assert graph.returncode == 0 and "def forward" in graph.stdout
+    missing = dsc("inspect", str(tmp_path / "nothing"))
+    assert missing.returncode == 1 and "dsc compile" in missing.stderr
+
+
+def test_compile_accepts_a_deepspeed_config():
+    out = dsc("compile", GPT, "--config", str(ROOT / "examples" / "ds_config.json"), "-n", "2", "--format", "json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["plan"]["zero"]["stage"] == 1
+    assert report["sources"]["zero.stage"].startswith("deepspeed:zero_optimization.stage")
+
+
+def test_compile_rejects_a_bad_plan_with_the_key(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"zero": {"stag": 1}}))
+    out = dsc("compile", GPT, "--config", str(bad))
+    assert out.returncode == 1
+    assert "zero.stag" in out.stderr and "stage" in out.stderr
+
+
+def test_validate_exit_codes(tmp_path):
+    good = dsc("validate", PLAN, "--world-size", "2")
+    assert good.returncode == 0 and "valid" in good.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"zero": {"stage": 7}, "optimiser": {}}))
+    out = dsc("validate", str(bad))
+    assert out.returncode == 1
+    assert "zero.stage" in out.stdout and "optimiser" in out.stdout and "optimizer" in out.stdout
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/ds_configs is not beside this checkout")
+def test_validate_real_deepspeed_configs_warn_or_fail_by_key():
+    legacy = dsc("validate", str(SHARED / "ds_tests_megatron_gpt2_bs8_zero2_cpu_offload_legacy.json"))
+    assert legacy.returncode == 0
+    assert "zero_optimization.cpu_offload" in legacy.stdout
+    strict = dsc("validate", "--strict", str(SHARED / "ds_tests_megatron_gpt2_bs8_zero2_cpu_offload_legacy.json"))
+    assert strict.returncode == 1
+    z3 = dsc("validate", str(SHARED / "ds_tests_torch_compile_zero3_bf16.json"))
+    assert z3.returncode == 1 and "zero_optimization.stage" in z3.stdout
+
+
+def test_schema_is_json_schema():
+    out = dsc("schema")
+    assert out.returncode == 0
+    schema = json.loads(out.stdout)
+    assert schema["type"] == "object" and "zero" in schema["properties"]
+    assert schema["additionalProperties"] is False
+
+
+def test_report_prints_environment():
+    out = dsc("report")
+    assert out.returncode == 0 and "torch" in out.stdout and "gloo" in out.stdout
+
+
+def test_run_passes_arguments_and_exit_code(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text("import os, sys\nprint('rank', os.environ['RANK'], sys.argv[1:])\n"
+                      "sys.exit(3 if sys.argv[1] == 'fail' else 0)\n")
+    ok = dsc("run", "--nproc", "2", str(script), "hello", "--flag")
+    assert ok.returncode == 0, ok.stderr
+    assert "rank 0 ['hello', '--flag']" in ok.stdout and "rank 1" in ok.stdout
+    bad = dsc("run", "--nproc", "1", str(script), "fail")
+    assert bad.returncode != 0
+
+
+def test_python_dash_m_dsc_works():
+    out = subprocess.run([sys.executable, "-m", "dsc", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "compile" in out.stdout
