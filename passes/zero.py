@@ -66,6 +66,8 @@ class ZeroLayout:
     element_size: int
     buckets: tuple[Bucket, ...]
     overlap_comm: bool
+    reduce_scatter: bool = True  # stage >= 1: reduce-scatter (True) or all-reduce then keep the chunk
+    allgather_bucket_size: int = 500_000_000  # elements of updated parameters in flight at once
     excluded: tuple[tuple[str, str], ...] = field(default=())  # (parameter, reason)
 
     @property
@@ -105,8 +107,9 @@ class ZeroLayout:
             else:
                 times = accumulation_steps if self.stage >= 2 else 1
                 when = "backward (every micro-step)" if self.stage >= 2 else "backward (last micro-step)"
-                out.append({"op": "reduce_scatter", "bucket": b.index, "when": when,
-                            "payload_bytes": payload, "sent_bytes": payload * (n - 1) // n, "times": times})
+                op, factor = ("reduce_scatter", 1) if self.reduce_scatter else ("all_reduce", 2)
+                out.append({"op": op, "bucket": b.index, "when": when, "payload_bytes": payload,
+                            "sent_bytes": factor * payload * (n - 1) // n, "times": times})
         if self.stage >= 1:
             for b in self.buckets:
                 payload = e * b.padded
@@ -161,6 +164,10 @@ def plan_zero_buckets(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResu
         elif id(p) not in used_ids:
             declined.append({"what": name, "reason": "not used by the graph: gets no gradient, kept replicated"})
 
+    if not zero.contiguous_gradients:
+        declined.append({"what": "zero.contiguous_gradients=false",
+                         "reason": "gradient buckets are always contiguous flat buffers in dsc"})
+
     dtypes = {p.dtype for _, p in used}
     if len(dtypes) > 1:
         raise InvariantError(f"zero: trainable parameters have mixed dtypes {sorted(map(str, dtypes))}; "
@@ -168,7 +175,7 @@ def plan_zero_buckets(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResu
     element_size = next(iter(used))[1].element_size() if used else 4
 
     buckets: list[Bucket] = []
-    limit = zero.reduce_bucket_size
+    limit = int(zero.reduce_bucket_size)
     pending: list[Slot] = []
     size = 0
     offset = 0
@@ -199,6 +206,7 @@ def plan_zero_buckets(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResu
                     node.meta["dsc.bucket"] = b.index
 
     layout = ZeroLayout(zero.stage, ctx.rank, dp, shards, element_size, tuple(buckets), zero.overlap_comm,
+                        zero.reduce_scatter, int(zero.allgather_bucket_size),
                         tuple((d["what"], d["reason"]) for d in declined))
     ctx.artifacts["zero_layout"] = layout
     return PassResult(

@@ -160,8 +160,12 @@ class ZeroEngine:
         else:
             src = self._bucket_buf.pop(b.index)
             dst = self.shard_params[b.index].grad
-        out = torch.empty(b.chunk, dtype=src.dtype, device=src.device)
-        work = C.reduce_scatter_(out, src, self.group, n, async_op=overlap)
+        if self.layout.reduce_scatter:
+            out = torch.empty(b.chunk, dtype=src.dtype, device=src.device)
+            work = C.reduce_scatter_(out, src, self.group, n, async_op=overlap)
+        else:  # all-reduce the whole bucket (twice the traffic), then keep this rank's chunk
+            work = C.all_reduce_(src, self.group, n, async_op=overlap)
+            out = src[self.rank * b.chunk: (self.rank + 1) * b.chunk]
 
         def finish(out=out, dst=dst, src=src):  # src stays alive until the collective is done
             if self.layout.stage == 1:
@@ -211,19 +215,30 @@ class ZeroEngine:
                     sp.grad.mul_(coef)
         self.optimizer.step()
         if self.layout.stage >= 1:
-            works = []
-            for sp, b in zip(self.shard_params, self.layout.buckets):
-                full = self.flat[b.offset: b.offset + b.padded]
-                works.append(C.all_gather_(full, sp.detach().clone(), self.group, self.world,
-                                           async_op=self.world > 1))
-            for w in works:
-                if w is not None:
-                    w.wait()
+            self._gather_params()
         if self.scheduler is not None:
             self.scheduler.step()
         self.zero_grad()
         self.global_step += 1
         return True
+
+    def _gather_params(self) -> None:
+        """All-gather every bucket's updated chunks, at most allgather_bucket_size elements in flight."""
+        in_flight: list = []
+        elements = 0
+        for sp, b in zip(self.shard_params, self.layout.buckets):
+            if in_flight and elements + b.padded > self.layout.allgather_bucket_size:
+                for w, _ in in_flight:
+                    w.wait()
+                in_flight, elements = [], 0
+            full = self.flat[b.offset: b.offset + b.padded]
+            chunk = sp.detach().clone()  # the input must not alias the output being written
+            work = C.all_gather_(full, chunk, self.group, self.world, async_op=self.world > 1)
+            if work is not None:
+                in_flight.append((work, chunk))  # keep the input alive until the gather is done
+                elements += b.padded
+        for w, _ in in_flight:
+            w.wait()
 
     def zero_grad(self) -> None:
         if self.flat_grad is not None:

@@ -76,7 +76,9 @@ class Zero(Section):
     reduce_scatter: bool = True
     """Reduce gradients with reduce-scatter (True) or all-reduce (False)."""
     contiguous_gradients: bool = True
-    """Copy gradients into one contiguous buffer as they are produced."""
+    """Copy gradients into one contiguous buffer as they are produced. dsc always does (its
+    gradient buckets are flat buffers); false is accepted for DeepSpeed configs and the ZeRO pass
+    reports that it was declined."""
 
     @field_validator("stage", mode="before")
     @classmethod

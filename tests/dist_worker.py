@@ -20,7 +20,8 @@ from models import MODELS, dataset, loss_of, rank_micro_batches  # noqa: E402
 
 def plan_for(stage: int, args) -> dict:
     return {
-        "zero": {"stage": stage, "reduce_bucket_size": args.bucket, "overlap_comm": args.overlap},
+        "zero": {"stage": stage, "reduce_bucket_size": args.bucket, "overlap_comm": args.overlap,
+                 "reduce_scatter": not args.all_reduce, "allgather_bucket_size": args.allgather_bucket},
         "optimizer": {"type": "adamw", "lr": args.lr, "weight_decay": 0.1, "betas": [0.9, 0.95]},
         "scheduler": {"type": "WarmupLR", "warmup_min_lr": 0.0, "warmup_max_lr": args.lr,
                       "warmup_num_steps": 3, "warmup_type": "linear"},
@@ -40,6 +41,8 @@ def main() -> None:
     p.add_argument("--clip", type=float, default=0.5)
     p.add_argument("--bucket", type=int, default=3000)
     p.add_argument("--overlap", action="store_true")
+    p.add_argument("--all-reduce", action="store_true", help="zero.reduce_scatter = false")
+    p.add_argument("--allgather-bucket", type=int, default=500_000_000)
     p.add_argument("--out", required=True)
     args = p.parse_args()
 

@@ -108,10 +108,18 @@ def assert_memory_is_analytic(res: dict, stage: int, world: int) -> None:
         assert 0 < steps <= 4 * 64 and steps % 4 == 0, f"Adam state beyond 8 B/element: {steps} B"
 
 
+COMM_OPTIONS = {
+    "overlap_comm": ("--overlap",),
+    "all_reduce_small_allgather": ("--all-reduce", "--allgather-bucket", "1000"),
+}
+
+
 @pytest.mark.slow
-def test_overlap_comm_matches_eager(tmp_path):
+@pytest.mark.parametrize("option", list(COMM_OPTIONS))
+def test_communication_options_match_eager(tmp_path, option):
+    """overlap_comm (async bucket collectives), reduce_scatter=false and a small allgather bucket."""
     ref_losses, ref_state, _, noise = eager_reference("gpt", 2)
-    results = run_dsc(tmp_path, "gpt", 2, extra=("--overlap",))
+    results = run_dsc(tmp_path, "gpt", 2, extra=COMM_OPTIONS[option])
     for stage, res in results.items():
         torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
-        assert_params_close(res["state"], ref_state, noise, f"ZeRO-{stage} overlap_comm")
+        assert_params_close(res["state"], ref_state, noise, f"ZeRO-{stage} {option}")

@@ -1,0 +1,27 @@
+# The two README commands: `make demo` (set up, compile the example plan, train on 2 ranks) and
+# `make test` (set up, run the whole test suite). Both create .venv on first use.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements-dev.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements-dev.txt -e .
+	touch $@
+
+demo: setup
+	$(BIN)/dsc compile examples/gpt.py --config examples/plan.json --world-size 2 --out dsc_out
+	$(BIN)/dsc run --nproc 2 examples/train.py --config examples/plan.json --steps 20
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/bench_dp.py
+
+clean:
+	rm -rf $(VENV) dsc_out .pytest_cache
