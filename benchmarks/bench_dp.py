@@ -106,7 +106,7 @@ def opt_state(opt):
 
 
 def setup(name, args, model, x, y):
-    """Returns (step_fn(x, y) -> loss, memory_fn() -> {params,grads,optimizer bytes}, finish_fn)."""
+    """(fwd_bwd(x, y) -> loss, step(), memory() -> {params,grads,optimizer}_bytes, finish()) for `name`."""
     import torch
     import torch.distributed as dist
 
@@ -257,8 +257,7 @@ def parent(args, argv) -> int:
     names = [n for n in (args.only.split(",") if args.only else CONTENDERS) if n]
     ds_python = args.ds_python or sys.executable
     if any(n.startswith("ds-") for n in names) and not has_deepspeed(ds_python):
-        if args.only:
-            print(f"deepspeed does not import in {ds_python}: skipping ds-*", file=sys.stderr)
+        print(f"deepspeed does not import in {ds_python}: skipping ds-* (see --ds-python)", file=sys.stderr)
         names = [n for n in names if not n.startswith("ds-")]
     results = []
     for name in names:
