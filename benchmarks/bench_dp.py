@@ -58,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--n-embd", type=int, default=320)
     p.add_argument("--n-head", type=int, default=5)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--bucket", type=int, default=2_000_000,
+                   help="gradient bucket in elements, the same for all (DDP: bucket_cap_mb = 4*bucket/MiB)")
     p.add_argument("--only", default="", help="comma-separated subset of " + ",".join(CONTENDERS))
     p.add_argument("--ds-python", default="", help="python with deepspeed installed (for ds-*)")
     p.add_argument("--json", action="store_true", help="print results as JSON lines")
@@ -111,9 +113,10 @@ def setup(name, args, model, x, y):
     import torch.distributed as dist
 
     adamw = dict(lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    fused = dict(fused=True)  # DDP and DeepSpeed get torch's fused AdamW, as dsc uses
     if name == "ddp":
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        opt = torch.optim.AdamW(model.parameters(), **adamw)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=4 * args.bucket / MiB)
+        opt = torch.optim.AdamW(model.parameters(), **adamw, **fused)
 
         def fwd_bwd(x, y):
             loss = ddp(x, y)
@@ -131,7 +134,8 @@ def setup(name, args, model, x, y):
     if name.startswith("dsc-"):
         import dsc
 
-        plan = {"zero": {"stage": int(name[5]), "overlap_comm": name.endswith("overlap")},
+        plan = {"zero": {"stage": int(name[5]), "overlap_comm": name.endswith("overlap"),
+                         "reduce_bucket_size": args.bucket, "allgather_bucket_size": args.bucket},
                 "optimizer": {"type": "adamw", **{k: list(v) if k == "betas" else v for k, v in adamw.items()}},
                 "batch": {"micro_batch_size": args.micro, "gradient_accumulation_steps": 1}}
         compiled = dsc.compile(model, plan, example_inputs=(x, y))
@@ -146,9 +150,11 @@ def setup(name, args, model, x, y):
 
     stage = int(name[4])
     cfg = {"train_micro_batch_size_per_gpu": args.micro, "gradient_accumulation_steps": 1,
-           "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+           "zero_optimization": {"stage": stage, "reduce_bucket_size": args.bucket,
+                                 "allgather_bucket_size": args.bucket},
+           "zero_allow_untested_optimizer": True,
            "gradient_clipping": 0.0, "steps_per_print": 10**9}
-    opt = torch.optim.AdamW(model.parameters(), **adamw)
+    opt = torch.optim.AdamW(model.parameters(), **adamw, **fused)
     engine, dopt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
 
     def fwd_bwd(x, y):

@@ -120,7 +120,8 @@ def run_passes(
         if result.changed_graph:
             gm.recompile()
         if debug_enabled():
-            print_debug(f"rank {ctx.rank}: after {p.name}: {result.summary}")
+            after = f":\n{gm.code}" if result.changed_graph else " (graph unchanged)"
+            print_debug(f"rank {ctx.rank}: after {p.name}: {result.summary}{after}")
         records.append(
             {
                 "name": p.name,

@@ -21,13 +21,20 @@ def optimizer_kind(spec) -> str | None:
 
 
 def build_optimizer(params, spec) -> torch.optim.Optimizer:
-    """A torch optimizer over `params` configured from the plan's `optimizer` section."""
+    """A torch optimizer over `params` configured from the plan's `optimizer` section.
+
+    Adam/AdamW use torch's fused kernel (CPU and GPU): on flat multi-million-element shards it is
+    several times faster than the default multi-tensor path, which streams the shard once per
+    elementwise operation.
+    """
+    params = list(params)
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
     if spec.type == "adamw":
         return torch.optim.AdamW(params, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps,
-                                 weight_decay=spec.weight_decay)
+                                 weight_decay=spec.weight_decay, fused=fused or None)
     if spec.type == "adam":
         return torch.optim.Adam(params, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps,
-                                weight_decay=spec.weight_decay)
+                                weight_decay=spec.weight_decay, fused=fused or None)
     if spec.type == "sgd":
         return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, dampening=spec.dampening,
                                weight_decay=spec.weight_decay, nesterov=spec.nesterov)

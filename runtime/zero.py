@@ -194,7 +194,7 @@ class ZeroEngine:
     # -- step -------------------------------------------------------------------------------------
     def grad_norm(self) -> float:
         """Global L2 norm of the averaged gradient, across shards."""
-        local = sum(float(sp.grad.double().pow(2).sum()) for sp in self.shard_params)
+        local = sum(float(torch.linalg.vector_norm(sp.grad)) ** 2 for sp in self.shard_params)
         if self.layout.stage >= 1 and self.world > 1:
             t = torch.tensor([local], dtype=torch.float64)
             C.all_reduce_(t, self.group, self.world)

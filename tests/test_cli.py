@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, dsc_cmd
+import models  # noqa: F401  (puts examples/ on sys.path)
 
 SHARED = ROOT.parent / "shared" / "ds_configs"
 GPT = str(ROOT / "examples" / "gpt.py")
@@ -136,3 +137,20 @@ def test_run_passes_arguments_and_exit_code(tmp_path):
 def test_python_dash_m_dsc_works():
     out = subprocess.run([sys.executable, "-m", "dsc", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "compile" in out.stdout
+
+
+def test_compiled_report_is_the_cli_json_for_the_same_rank():
+    """`compiled.report()` and `dsc compile --format json` serialize to the same object."""
+    import dsc as dsc_pkg
+    from gpt import build_model, example_inputs
+
+    out = dsc("compile", GPT, "--config", PLAN, "--format", "json")
+    assert out.returncode == 0, out.stderr
+    cli = json.loads(out.stdout)
+    compiled = dsc_pkg.compile(build_model(), PLAN, example_inputs=example_inputs())
+    api = json.loads(json.dumps(compiled.report()))
+    for report in (cli, api):  # wall-clock fields differ between two runs
+        report["capture"].pop("seconds")
+        for p in report["passes"]:
+            p.pop("seconds")
+    assert api == cli
