@@ -22,7 +22,9 @@ import torch.nn as nn
 from dsc.runtime.lr_schedules import build_scheduler
 from dsc.runtime.mesh import data_parallel_group, init_distributed
 from dsc.runtime.optim import build_optimizer
+from dsc.runtime.collectives import bind_mesh_dim
 from dsc.runtime.zero import ZeroEngine
+from dsc.runtime.zero3 import Zero3Engine
 from dsc.schemas import load_plan
 
 from . import __version__
@@ -112,17 +114,22 @@ class CompiledModel(nn.Module):
     def _build_runtime(self) -> None:
         plan = self._plan
         layout = self._program.artifacts["zero_layout"]
-        params = dict(self._program.gm.named_parameters(remove_duplicate=True))
-        if plan.optimizer is None and self._optimizer_fn is None:
-            return  # inference: nothing to reduce or update
+        gm = self._program.gm
+        params = {n: p for n, p in gm.named_parameters(remove_duplicate=True) if p.device.type != "meta"}
+        training = plan.optimizer is not None or self._optimizer_fn is not None
+        if not training and layout.stage < 3:
+            return  # inference on whole parameters: nothing to reduce, update or gather
+        make_opt = None
         if self._optimizer_fn is not None:
             make_opt = self._optimizer_fn
-        else:
+        elif plan.optimizer is not None:
             make_opt = lambda ps: build_optimizer(ps, plan.optimizer)  # noqa: E731
         make_sched = (lambda opt: build_scheduler(opt, plan.scheduler)) if plan.scheduler else None
         group = data_parallel_group(plan.parallel.data_parallel_size)
-        self._engine = ZeroEngine(params, layout, make_opt, make_sched, group,
-                                  plan.batch.gradient_accumulation_steps, plan.gradient_clipping)
+        bind_mesh_dim("dp", group)
+        args = (layout, make_opt, make_sched, group, plan.batch.gradient_accumulation_steps,
+                plan.gradient_clipping)
+        self._engine = Zero3Engine(gm, params, *args) if layout.stage == 3 else ZeroEngine(params, *args)
 
     @property
     def compiled(self) -> bool:
@@ -133,8 +140,14 @@ class CompiledModel(nn.Module):
         if self._program is None:
             self._compile(args, kwargs)
         if not self.training and self._captured.training:
+            if self._plan.zero.stage == 3:
+                raise NotImplementedError("eval mode under ZeRO-3 needs an eval graph with gathers; not "
+                                          "built yet: call the model in train mode under torch.no_grad()")
             return self._eval_graph(args, kwargs)(*args, **kwargs)
-        return self._program.gm(*args, **kwargs)
+        if self._engine is None:
+            return self._program.gm(*args, **kwargs)
+        with self._engine.forward_context():
+            return self._program.gm(*args, **kwargs)
 
     def _eval_graph(self, args, kwargs):
         """Captured lazily: dropout and friends are baked into a graph as train or eval."""
@@ -211,9 +224,18 @@ class CompiledModel(nn.Module):
         return self.engine.live_bytes()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full parameters and buffers under the original model's state_dict keys (copies)."""
+        """Full parameters and buffers under the original model's state_dict keys (copies).
+
+        Under ZeRO-3 this gathers the shards: every rank must call it.
+        """
         model = self._model.model if isinstance(self._model, _WithLoss) else self._model
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        whole = {}
+        if isinstance(self._engine, Zero3Engine):
+            by_id = {id(p): n for n, p in self._model.named_parameters(remove_duplicate=True)}
+            gathered = self._engine.full_parameters()
+            whole = {id(p): gathered[by_id[id(p)]] for p in model.parameters() if by_id.get(id(p)) in gathered}
+        return {k: whole[id(v)] if id(v) in whole else v.detach().clone()
+                for k, v in model.state_dict(keep_vars=True).items()}
 
 
 __all__ = ["compile", "CompiledModel", "__version__"]

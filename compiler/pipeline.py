@@ -15,6 +15,7 @@ from typing import Any
 import torch.fx
 
 from dsc.passes.zero import check_zero_layout, plan_zero_buckets
+from dsc.passes.zero3 import check_sharded, shard_parameters
 from dsc.runtime.optim import optimizer_kind
 
 from .analyze import annotate_shapes, parameter_bytes
@@ -31,6 +32,8 @@ def estimate_costs(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
     mem["activations_bytes"] = ctx.artifacts["activations_bytes"]
     mem["buffers_bytes"] = buffers
     mem["total_bytes"] = sum(mem.values())
+    if layout.stage == 3:
+        mem["gathered_bound_bytes"] = layout.gathered_bound_bytes()
     collectives = layout.collectives(ctx.plan.batch.gradient_accumulation_steps)
     comm = sum(c["sent_bytes"] * c["times"] for c in collectives)
     ctx.artifacts["estimate"] = {"memory": mem, "comm_bytes_per_step": comm, "collectives": collectives}
@@ -43,11 +46,14 @@ def estimate_costs(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
 
 # The order of these passes follows from provides/requires; the edges, and why:
 #   annotate_shapes -> plan_zero_buckets: bucket sizes are element counts read from node values.
+#   plan_zero_buckets -> shard_parameters: ZeRO-3 gathers whole buckets, so it needs their layout.
 #   plan_zero_buckets -> estimate_costs: memory and traffic depend on the shard layout.
 PASSES = [
     Pass("annotate_shapes", annotate_shapes, provides=frozenset({"shapes"})),
     Pass("plan_zero_buckets", plan_zero_buckets, provides=frozenset({"grad_buckets"}),
          requires=frozenset({"shapes"}), check=check_zero_layout),
+    Pass("shard_parameters", shard_parameters, provides=frozenset({"sharded_params"}),
+         requires=frozenset({"grad_buckets"}), enabled=lambda plan: plan.zero.stage == 3, check=check_sharded),
     Pass("estimate_costs", estimate_costs, provides=frozenset({"estimates"}),
          requires=frozenset({"shapes", "grad_buckets"})),
 ]

@@ -53,6 +53,7 @@ class Bucket:
     padded: int  # numel rounded up to a multiple of `shards`
     chunk: int  # padded // shards: what one rank owns
     slots: tuple[Slot, ...]
+    persistent: bool = False  # ZeRO-3: gathered once per forward and kept for backward
 
 
 @dataclass(frozen=True)
@@ -87,11 +88,18 @@ class ZeroLayout:
         e = self.element_size
         opt_elems = self.padded if self.stage == 0 else self.shard_numel
         return {
-            "params_bytes": e * self.padded,
+            "params_bytes": e * (self.shard_numel if self.stage >= 3 else self.padded),
             "grads_bytes": e * (self.shard_numel if self.stage >= 2 else self.padded),
             "optimizer_bytes": e * STATE_PER_ELEMENT[optimizer] * opt_elems
             + 4 * STEP_TENSORS[optimizer] * len(self.buckets),
         }
+
+    def gathered_bound_bytes(self) -> int:
+        """ZeRO-3: most bytes of whole buckets alive at once: every persistent bucket, plus the two
+        largest others (the bucket in use and the one before it; backward caches two)."""
+        persistent = sum(b.padded for b in self.buckets if b.persistent)
+        others = sorted((b.padded for b in self.buckets if not b.persistent), reverse=True)[:2]
+        return self.element_size * (persistent + sum(others))
 
     def collectives(self, accumulation_steps: int) -> list[dict]:
         """Every collective one optimizer step issues on this rank, with bytes sent (ring)."""
@@ -110,11 +118,19 @@ class ZeroLayout:
                 op, factor = ("reduce_scatter", 1) if self.reduce_scatter else ("all_reduce", 2)
                 out.append({"op": op, "bucket": b.index, "when": when, "payload_bytes": payload,
                             "sent_bytes": factor * payload * (n - 1) // n, "times": times})
-        if self.stage >= 1:
+        if self.stage in (1, 2):
             for b in self.buckets:
                 payload = e * b.padded
                 out.append({"op": "all_gather", "bucket": b.index, "when": "step (updated params)",
                             "payload_bytes": payload, "sent_bytes": payload * (n - 1) // n, "times": 1})
+        if self.stage == 3:
+            for b in self.buckets:
+                payload = e * b.padded
+                g = {"op": "all_gather", "bucket": b.index, "payload_bytes": payload,
+                     "sent_bytes": payload * (n - 1) // n, "times": accumulation_steps}
+                out.append({**g, "when": "forward (before first use)"})
+                if not b.persistent:
+                    out.append({**g, "when": "backward (re-gather for saved tensors)"})
         return out
 
 
@@ -175,25 +191,28 @@ def plan_zero_buckets(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResu
     element_size = next(iter(used))[1].element_size() if used else 4
 
     buckets: list[Bucket] = []
-    limit = int(zero.reduce_bucket_size)
-    pending: list[Slot] = []
-    size = 0
+    if zero.stage == 3:  # gather order: forward; small parameters apart, in persistent buckets
+        used = used[::-1]
+        limit = int(zero.prefetch_bucket_size)
+        small = int(zero.param_persistence_threshold)
+        groups = [([x for x in used if x[1].numel() > small], False), ([x for x in used if x[1].numel() <= small], True)]
+    else:
+        limit = int(zero.reduce_bucket_size)
+        groups = [(used, False)]
     offset = 0
-
-    def close():
-        nonlocal pending, size, offset
-        padded = -(-size // shards) * shards
-        buckets.append(Bucket(len(buckets), offset, size, padded, padded // shards, tuple(pending)))
-        offset += padded
-        pending, size = [], 0
-
-    for name, p in used:
-        if pending and size + p.numel() > limit:
-            close()
-        pending.append(Slot(name, tuple(p.shape), p.numel(), size))
-        size += p.numel()
-    if pending:
-        close()
+    for members, persistent in groups:
+        pending: list[Slot] = []
+        size = 0
+        for i, (name, p) in enumerate(members):
+            pending.append(Slot(name, tuple(p.shape), p.numel(), size))
+            size += p.numel()
+            nxt = members[i + 1][1].numel() if i + 1 < len(members) else None
+            if nxt is None or size + nxt > limit:
+                padded = -(-size // shards) * shards
+                buckets.append(Bucket(len(buckets), offset, size, padded, padded // shards, tuple(pending),
+                                      persistent))
+                offset += padded
+                pending, size = [], 0
 
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -209,14 +228,16 @@ def plan_zero_buckets(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResu
                         zero.reduce_scatter, int(zero.allgather_bucket_size),
                         tuple((d["what"], d["reason"]) for d in declined))
     ctx.artifacts["zero_layout"] = layout
+    order = "forward" if zero.stage == 3 else "backward"
     return PassResult(
         summary=(f"ZeRO-{zero.stage} over dp={dp}: {sum(len(b.slots) for b in buckets)} parameters "
                  f"({layout.numel:,} elements, {layout.padded - layout.numel} padding) in {len(buckets)} "
-                 f"bucket(s) of <= {limit:,} elements; this rank owns {layout.shard_numel:,} elements"),
+                 f"bucket(s) of <= {limit:,} elements in {order} order; this rank owns "
+                 f"{layout.shard_numel:,} elements"),
         details={
             "stage": zero.stage,
             "buckets": [{"index": b.index, "elements": b.numel, "padded": b.padded, "chunk": b.chunk,
-                         "params": [s.name for s in b.slots]} for b in buckets],
+                         "persistent": b.persistent, "params": [s.name for s in b.slots]} for b in buckets],
             "overlap_comm": zero.overlap_comm,
         },
         declined=declined,

@@ -27,8 +27,18 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 _OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "max": dist.ReduceOp.MAX}
 
 
+# Mesh dimension names graph passes write instead of process-group names (which only exist at run
+# time); the runtime binds them to this rank's groups.
+_mesh_groups: dict[str, str] = {}
+
+
+def bind_mesh_dim(dim: str, group) -> None:
+    """Make graph ops that name mesh dimension `dim` (e.g. "dp") use `group`."""
+    _mesh_groups[dim] = group.group_name if group is not None else ""
+
+
 def _group(name: str):
-    return _resolve_process_group(name)
+    return _resolve_process_group(_mesh_groups.get(name, name))
 
 
 @torch.library.custom_op("dsc::all_reduce", mutates_args=())
@@ -61,14 +71,31 @@ def _(x, group, world):
     return x.new_empty(x.numel() // world)
 
 
+# Observers of every dsc::all_gather (the ZeRO-3 runtime tracks gathered parameter buffers).
+_gather_listeners: list = []
+
+
+def add_gather_listener(fn) -> None:
+    """Call `fn(input, output)` after every dsc::all_gather in this process."""
+    _gather_listeners.append(fn)
+
+
+def remove_gather_listener(fn) -> None:
+    if fn in _gather_listeners:
+        _gather_listeners.remove(fn)
+
+
 @torch.library.custom_op("dsc::all_gather", mutates_args=())
 def all_gather(x: torch.Tensor, group: str, world: int) -> torch.Tensor:
     """Concatenate the flat `x` of every rank, in rank order."""
     flat = x.reshape(-1)
     if world == 1:
-        return flat.clone()
-    out = flat.new_empty(flat.numel() * world)
-    _all_gather(out, flat.contiguous(), group=_group(group))
+        out = flat.clone()
+    else:
+        out = flat.new_empty(flat.numel() * world)
+        _all_gather(out, flat.contiguous(), group=_group(group))
+    for fn in _gather_listeners:
+        fn(x, out)
     return out
 
 

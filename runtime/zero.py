@@ -22,6 +22,7 @@ batch, as in DeepSpeed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -45,20 +46,7 @@ class ZeroEngine:
         accumulation_steps: int,
         clip: float,
     ):
-        self.layout = layout
-        self.group = group
-        self.world = layout.dp
-        self.rank = layout.rank
-        self.accumulation_steps = accumulation_steps
-        self.clip = clip
-        self.micro_step = 0
-        self.global_step = 0
-        self.last_grad_norm: float | None = None
-        self._boundary = True
-        self._pending: list[tuple[object, Callable[[], None]]] = []
-        self._ready: dict[int, int] = {}
-        self._reduced: set[int] = set()
-        self._callback_queued = False
+        self._init_common(layout, group, accumulation_steps, clip)
 
         first = next(iter(params.values()))
         dtype, device = first.dtype, first.device
@@ -95,6 +83,29 @@ class ZeroEngine:
         ]
         self.optimizer = build_optimizer(self.shard_params) if build_optimizer else None
         self.scheduler = build_scheduler(self.optimizer) if (build_scheduler and self.optimizer) else None
+
+    def _init_common(self, layout: ZeroLayout, group, accumulation_steps: int, clip: float) -> None:
+        self.layout = layout
+        self.group = group
+        self.world = layout.dp
+        self.rank = layout.rank
+        self.accumulation_steps = accumulation_steps
+        self.clip = clip
+        self.micro_step = 0
+        self.global_step = 0
+        self.last_grad_norm: float | None = None
+        self._boundary = True
+        self._pending: list[tuple[object, Callable[[], None]]] = []
+        self._ready: dict[int, int] = {}
+        self._reduced: set[int] = set()
+        self._callback_queued = False
+
+    def forward_context(self):
+        """Context the compiled graph's forward runs in (stage 3 installs saved-tensor hooks)."""
+        return contextlib.nullcontext()
+
+    def _average(self) -> None:
+        """Stages 0-2 average as each bucket's reduction finishes; stage 3 overrides this."""
 
     # -- layout helpers ---------------------------------------------------------------------------
     def _slot(self, flat: torch.Tensor, b: Bucket, offset: int, numel: int) -> torch.Tensor:
@@ -207,6 +218,7 @@ class ZeroEngine:
             return False
         if self.optimizer is None:
             raise RuntimeError("this model was compiled without an optimizer (plan has no 'optimizer')")
+        self._average()
         self.last_grad_norm = self.grad_norm()
         if self.clip > 0:
             coef = self.clip / (self.last_grad_norm + 1e-6)

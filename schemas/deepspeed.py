@@ -120,7 +120,9 @@ ZERO_RENAMED = {  # deprecated or field-name spelling -> DeepSpeed's current key
     "stage3_gather_fp16_weights_on_model_save": "stage3_gather_16bit_weights_on_model_save",
     "gather_16bit_weights_on_model_save": "stage3_gather_16bit_weights_on_model_save",
 }
-ZERO_KNOWN = {*ZERO_MAPPED, *ZERO_NOTES, *ZERO_FEATURES, *ZERO_RENAMED}
+ZERO3_MAPPED = {"stage3_prefetch_bucket_size": "prefetch_bucket_size",
+                "stage3_param_persistence_threshold": "param_persistence_threshold"}
+ZERO_KNOWN = {*ZERO_MAPPED, *ZERO3_MAPPED, *ZERO_NOTES, *ZERO_FEATURES, *ZERO_RENAMED}
 
 OPTIMIZER_PARAMS = {"adam": ("lr", "betas", "eps", "weight_decay"),
                     "adamw": ("lr", "betas", "eps", "weight_decay"),
@@ -346,13 +348,21 @@ class _Translator:
                 self.warn(path, v, f"deprecated DeepSpeed name; the current key is "
                                    f"'{ZERO_RENAMED[key]}'")
             if key == "stage":
-                if _int(v) == 3:
-                    self.error(path, v, "3 is not supported yet (ZeRO-3 is planned); allowed: 0, 1, 2")
-                else:
-                    self.put("zero.stage", _int(v), path)
+                self.put("zero.stage", _int(v), path)
             elif key in ("reduce_bucket_size", "allgather_bucket_size") and v == "auto":
                 size, why = auto_bucket_size(self.model_info)
                 self.put(f"zero.{key}", size, path, f"auto: {why}")
+            elif key in ZERO3_MAPPED:
+                native = ZERO3_MAPPED[key]
+                if v == "auto" and native == "prefetch_bucket_size":
+                    size, why = auto_bucket_size(self.model_info)
+                    self.put(f"zero.{native}", size, path, f"auto: {why}")
+                elif v == "auto":
+                    self.note(path, "'auto' (HF fills it from the model); dsc keeps its default")
+                elif stage == 3:
+                    self.put(f"zero.{native}", _int(v), path)
+                else:
+                    self.note(path, f"ignored: ZeRO-3 setting; no effect at stage {stage}")
             elif key in ZERO_MAPPED:
                 self.put(f"zero.{key}", _int(v), path)
             elif key in ZERO_FEATURES:
@@ -360,10 +370,13 @@ class _Translator:
                     self.note(path, f"{ZERO_FEATURES[key]} is off; ignored")
                 else:
                     self.warn(path, v, f"{ZERO_FEATURES[key]} is not supported yet by dsc; ignored")
+            elif stage == 3 and key.startswith("stage3_") and key not in ZERO_NOTES and key not in ZERO_RENAMED:
+                self.warn(path, v, "this ZeRO-3 knob is not supported yet by dsc; ignored (dsc gathers "
+                                   "one bucket at a time, without prefetch)")
             elif key in ZERO_NOTES or key.startswith("stage3_") or key in ZERO_RENAMED:
                 what = ZERO_NOTES.get(key, "ZeRO-3 setting")
                 auto = " ('auto' is filled by HF from the model)" if v == "auto" else ""
-                effect = "ZeRO-3 is not supported yet" if stage == 3 else f"no effect at stage {stage}"
+                effect = "not supported yet" if stage == 3 else f"no effect at stage {stage}"
                 self.note(path, f"ignored: {what}{auto}; {effect}")
             else:
                 self.warn(path, v, f"unknown ZeRO key{did_you_mean(key, ZERO_KNOWN)}; ignored")

@@ -65,12 +65,19 @@ class Zero(Section):
 
     stage: int = 0
     """0: plain data parallel (all-reduce). 1: optimizer states sharded. 2: optimizer states and
-    gradients sharded. Allowed: 0, 1, 2 (3 is planned)."""
+    gradients sharded. 3: parameters sharded too, gathered just before use. Allowed: 0-3."""
     reduce_bucket_size: BucketSize = DEFAULT_BUCKET_SIZE
     """Gradient elements reduced per collective (DeepSpeed meaning: elements, not bytes).
     "auto": hidden_size² when the model's hidden size is known, else 500,000,000."""
     allgather_bucket_size: BucketSize = DEFAULT_BUCKET_SIZE
     """Parameter elements all-gathered per collective after a sharded step. "auto" as above."""
+    prefetch_bucket_size: BucketSize = 50_000_000
+    """ZeRO-3: parameter elements gathered together (and gradient elements reduce-scattered
+    together), DeepSpeed's stage3_prefetch_bucket_size. "auto": hidden_size² as above."""
+    param_persistence_threshold: Annotated[int, BeforeValidator(_integral), Field(ge=0)] = 100_000
+    """ZeRO-3: parameters of at most this many elements are grouped into persistent buckets,
+    gathered once per forward and kept for backward instead of re-gathered (still stored as
+    shards between steps). DeepSpeed's stage3_param_persistence_threshold."""
     overlap_comm: bool = False
     """Overlap gradient reduction with the backward pass."""
     reduce_scatter: bool = True
@@ -84,10 +91,8 @@ class Zero(Section):
     @classmethod
     def _stage(cls, v: Any) -> Any:
         v = _integral(v)
-        if v == 3:
-            raise ValueError("3 is not supported yet (ZeRO-3 is planned); allowed: 0, 1, 2")
-        if v not in (0, 1, 2):
-            raise ValueError(f"{v!r} — not allowed; allowed: 0, 1, 2")
+        if v not in (0, 1, 2, 3):
+            raise ValueError(f"{v!r} — not allowed; allowed: 0, 1, 2, 3")
         return v
 
 

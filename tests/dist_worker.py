@@ -21,7 +21,8 @@ from models import MODELS, dataset, loss_of, rank_micro_batches  # noqa: E402
 def plan_for(stage: int, args) -> dict:
     return {
         "zero": {"stage": stage, "reduce_bucket_size": args.bucket, "overlap_comm": args.overlap,
-                 "reduce_scatter": not args.all_reduce, "allgather_bucket_size": args.allgather_bucket},
+                 "reduce_scatter": not args.all_reduce, "allgather_bucket_size": args.allgather_bucket,
+                 "prefetch_bucket_size": args.bucket, "param_persistence_threshold": 100},
         "optimizer": {"type": "adamw", "lr": args.lr, "weight_decay": 0.1, "betas": [0.9, 0.95]},
         "scheduler": {"type": "WarmupLR", "warmup_min_lr": 0.0, "warmup_max_lr": args.lr,
                       "warmup_num_steps": 3, "warmup_type": "linear"},
@@ -33,7 +34,7 @@ def plan_for(stage: int, args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="gpt")
-    p.add_argument("--stages", default="0,1,2")
+    p.add_argument("--stages", default="0,1,2,3")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--micro", type=int, default=2)
     p.add_argument("--gas", type=int, default=2)
@@ -69,10 +70,14 @@ def main() -> None:
             dist.all_reduce(total)
             losses.append(float(total) / world)
         state = compiled.full_state_dict()
-        layout = compiled.report()["ranks"][0]
+        report = compiled.report()
+        layout = report["ranks"][0]
+        buckets = next(p for p in report["passes"] if p["name"] == "plan_zero_buckets")["details"]["buckets"]
         results[stage] = {"losses": losses, "state": state, "memory": compiled.memory_bytes(),
                           "analytic": layout["memory"], "lr": compiled.get_lr(),
-                          "numel": sum(p.numel() for p in model.parameters())}
+                          "numel": sum(p.numel() for p in model.parameters() if p.numel()) if stage < 3
+                          else sum(b["elements"] for b in buckets),
+                          "padded": sum(b["padded"] for b in buckets), "buckets": len(buckets)}
         # every rank must hold the same full parameters after the all-gather
         flat = torch.cat([v.reshape(-1).float() for v in state.values()])
         ref = flat.clone()

@@ -54,7 +54,7 @@ def test_integral_floats_accepted():
 
 
 @pytest.mark.parametrize("plan_dict,path,needles", [
-    ({"zero": {"stage": 3}}, "zero.stage", ["3", "not supported yet", "allowed: 0, 1, 2"]),
+    ({"zero": {"stage": 4}}, "zero.stage", ["4", "not allowed", "allowed: 0, 1, 2, 3"]),
     ({"zero": {"stage": 4}}, "zero.stage", ["4", "allowed: 0, 1, 2"]),
     ({"precision": {"dtype": "bf16"}}, "precision.dtype", ["'bf16'", "not supported yet", "allowed: fp32"]),
     ({"optimizer": {"type": "lion"}}, "optimizer.type", ["'lion'", "'adamw'", "'adam'", "'sgd'"]),
@@ -93,7 +93,7 @@ def test_reserved_sections_rejected(section):
 
 
 def test_all_problems_reported_at_once():
-    err = errors_of({"zero": {"stage": 3, "overlap_comm": "maybe"}, "precision": {"dtype": "fp16"},
+    err = errors_of({"zero": {"stage": 5, "overlap_comm": "maybe"}, "precision": {"dtype": "fp16"},
                      "moe": {}, "optimizer": {"type": "adamw", "lr": -1}})
     assert sorted(p.path for p in err.problems) == [
         "moe", "optimizer.lr", "precision.dtype", "zero.overlap_comm", "zero.stage"]
@@ -107,7 +107,7 @@ def test_problem_str():
 
 
 def test_validate_source_never_raises():
-    plan, problems = validate_source({"zero": {"stage": 3}})
+    plan, problems = validate_source({"zero": {"stage": 4}})
     assert plan is None and [p.path for p in problems] == ["zero.stage"]
     plan, problems = validate_source("/nonexistent/plan.json")
     assert plan is None and problems[0].path == "<source>"

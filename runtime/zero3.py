@@ -1,0 +1,146 @@
+"""ZeRO-3 runtime: owns the parameter shards and re-gathers whole parameters for backward.
+
+The graph (see `dsc.passes.zero3`) gathers each bucket's shard with `dsc::all_gather` just before
+use; autograd turns that gather's gradient into a reduce-scatter, so backward leaves each rank
+with the summed gradient of its own shard. This engine adds what the graph cannot express:
+
+- Memory: a rank holds only its shards — parameters, gradients and optimizer state of S = Ψ/N
+  elements each (fp32 AdamW: 16Ψ/N bytes of model state).
+- Backward keeps no whole parameter alive: while the graph runs forward, saved-tensor hooks
+  replace any saved tensor that lives in a gathered (non-persistent) bucket by a token (bucket,
+  size, stride, offset); backward re-gathers the bucket when it needs it. The last two
+  re-gathered buckets are cached, so the parameters of one bucket cost one gather per backward.
+- The bytes of whole (gathered) buckets alive at once are tracked from storage weak references;
+  `gathered_peak_bytes` is the peak since the last step (tests compare it with the plan's bound).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from dsc.passes.zero import ZeroLayout
+from dsc.passes.zero3 import GROUP, shard_attr
+from dsc.runtime import collectives as C
+from dsc.runtime.zero import ZeroEngine
+
+
+class Zero3Engine(ZeroEngine):
+    """ZeroEngine for stage 3: shards instead of a flat full buffer; no all-gather after step."""
+
+    def __init__(self, gm: torch.nn.Module, params: dict[str, torch.nn.Parameter], layout: ZeroLayout,
+                 build_optimizer, build_scheduler, group, accumulation_steps: int, clip: float):
+        self._init_common(layout, group, accumulation_steps, clip)
+        first = next(iter(params.values()))
+        dtype, device = first.dtype, first.device
+        self.flat = torch.zeros(layout.shard_numel, dtype=dtype, device=device)  # this rank's shards
+        self.flat_grad = torch.zeros_like(self.flat)
+        self.shard_params = []
+        offset = 0
+        for b in layout.buckets:
+            whole = torch.zeros(b.padded, dtype=dtype, device=device)
+            for s in b.slots:
+                whole[s.offset: s.offset + s.numel].copy_(params[s.name].detach().reshape(-1))
+            chunk = self.flat[offset: offset + b.chunk]
+            chunk.copy_(whole[self.rank * b.chunk: (self.rank + 1) * b.chunk])
+            shard = torch.nn.Parameter(chunk)
+            shard.grad = self.flat_grad[offset: offset + b.chunk]
+            gm.register_parameter(shard_attr(b.index), shard)
+            self.shard_params.append(shard)
+            offset += b.chunk
+        for s in (s for b in layout.buckets for s in b.slots):  # free the whole parameters
+            p = params[s.name]
+            p.data = torch.empty(0, dtype=dtype, device=device)
+            p.requires_grad_(False)
+        self._bucket_of = {sp.data_ptr(): b.index for sp, b in zip(self.shard_params, layout.buckets)}
+        self._gathered: dict[int, tuple[StorageWeakRef, int, int]] = {}  # storage ptr -> (ref, bucket, bytes)
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.gathered_peak_bytes = 0
+        C.add_gather_listener(self._on_gather)
+        for sp in self.shard_params:
+            sp.register_post_accumulate_grad_hook(self._on_shard_grad)
+        self.optimizer = build_optimizer(self.shard_params) if build_optimizer else None
+        self.scheduler = build_scheduler(self.optimizer) if (build_scheduler and self.optimizer) else None
+
+    # -- gathered buckets -------------------------------------------------------------------------
+    def _on_gather(self, shard: torch.Tensor, full: torch.Tensor) -> None:
+        b = self._bucket_of.get(shard.data_ptr())
+        if b is None:
+            return
+        storage = full.untyped_storage()
+        self._gathered[storage.data_ptr()] = (StorageWeakRef(storage), b, storage.nbytes())
+        self.gathered_peak_bytes = max(self.gathered_peak_bytes, self.gathered_bytes())
+
+    def gathered_bytes(self) -> int:
+        """Bytes of whole buckets alive right now (forward gathers, backward re-gathers)."""
+        for key in [k for k, (ref, _, _) in self._gathered.items() if ref.expired()]:
+            del self._gathered[key]
+        return sum(n for _, _, n in self._gathered.values())
+
+    def _pack(self, t: torch.Tensor):
+        if t.device.type == "meta" or not t.is_floating_point():
+            return t
+        entry = self._gathered.get(t.untyped_storage().data_ptr())
+        if entry is None or entry[0].expired() or self.layout.buckets[entry[1]].persistent:
+            return t
+        return ("dsc-regather", entry[1], t.size(), t.stride(), t.storage_offset())
+
+    def _unpack(self, saved):
+        if isinstance(saved, torch.Tensor):
+            return saved
+        _, b, size, stride, offset = saved
+        full = self._cache.get(b)
+        if full is None:
+            while len(self._cache) >= 2:  # release before gathering: at most two whole buckets
+                self._cache.popitem(last=False)
+            with torch.no_grad():
+                full = torch.ops.dsc.all_gather(self.shard_params[b].detach(), GROUP, self.world)
+            self._cache[b] = full
+        return full.as_strided(size, stride, offset)
+
+    def forward_context(self):
+        """Run the graph's forward inside this: saved whole parameters become re-gather tokens."""
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    # -- backward and step --------------------------------------------------------------------------
+    def _on_shard_grad(self, _shard: torch.Tensor) -> None:
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+
+    def _end_backward(self) -> None:
+        """Once backward has finished: drop the re-gather cache."""
+        self._callback_queued = False
+        self._cache.clear()
+
+    def _average(self) -> None:
+        """Reduce-scatter in backward summed over ranks; average like the other stages."""
+        if self.world > 1:
+            self.flat_grad.div_(self.world)
+
+    def _gather_params(self) -> None:
+        """Nothing to gather after the step: the next forward gathers the updated shards."""
+
+    def zero_grad(self) -> None:
+        self.flat_grad.zero_()
+
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        """Every sharded parameter, whole, under its canonical name (a collective: all ranks call)."""
+        out = {}
+        with torch.no_grad():
+            for sp, b in zip(self.shard_params, self.layout.buckets):
+                full = torch.ops.dsc.all_gather(sp.detach(), GROUP, self.world)
+                for s in b.slots:
+                    out[s.name] = full[s.offset: s.offset + s.numel].view(s.shape).clone()
+        return out
+
+    def live_bytes(self) -> dict[str, int]:
+        out = super().live_bytes()
+        out["gathered_peak_bytes"] = self.gathered_peak_bytes
+        return out
+
+    def close(self) -> None:
+        C.remove_gather_listener(self._on_gather)
+
