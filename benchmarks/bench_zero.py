@@ -1,0 +1,303 @@
+"""Sharded data-parallel benchmark: DDP vs FSDP2 vs dsc ZeRO-1/2/3 (vs DeepSpeed ZeRO-3 when installed).
+
+Every contender trains the same small GPT (examples/gpt.py, ~7.5M parameters by default) from the
+same seed on the same token batches, on N ranks (gloo, 1 torch thread per rank), with fp32 AdamW
+(torch's fused AdamW wherever a torch optimizer is used, as in bench_dp.py):
+
+    ddp         torch DistributedDataParallel (the baseline)
+    fsdp2       torch FSDP2: fully_shard(block, reshard_after_forward=True) for every transformer
+                block, then fully_shard(root), on init_device_mesh("cpu", (N,))
+    dsc-z1/z2   dsc.compile(model, {"zero": {"stage": 1|2, ...}})   (same code path as bench_dp.py)
+    dsc-z3      dsc.compile(model, {"zero": {"stage": 3, "prefetch_bucket_size": B,
+                                             "param_persistence_threshold": T}})
+    ds-z3       deepspeed.initialize(..., zero_optimization stage 3) -- only if deepspeed imports
+                (in this interpreter, or in the one given by --ds-python)
+
+The bucket size B (--bucket, elements) is the same for every contender that has such a knob:
+DDP bucket_cap_mb = 4B/MiB; dsc reduce/allgather/prefetch bucket = B; DeepSpeed
+reduce_bucket_size = stage3_prefetch_bucket_size = B. FSDP2 has none (one gather per
+fully_shard unit). The ZeRO-3 persistence threshold T (--persistence, default 0: every parameter
+is re-gathered) is the same for dsc and DeepSpeed.
+
+Measured per contender, each in its own torchrun job (see bench_dp.py, whose helpers this reuses):
+median step time and its ratio to DDP and to FSDP2; per-rank params/grads/optimizer-state bytes
+from the live tensors (FSDP2: the local shards of the DTensor parameters, their gradients and the
+optimizer state) read between backward and the optimizer step of the last warm-up step, their
+sum ("model-state") and that sum as a multiple of Psi/N bytes (Psi = parameter count, N = ranks;
+fp32 AdamW: DDP 16N, ZeRO-1 4N+12, ZeRO-2 2N+14, ZeRO-3 16); dsc ZeRO-3's gathered_peak_bytes
+(the most whole-bucket bytes alive at once); peak RSS; the final loss.
+
+Run (either form; the second re-launches each contender under torchrun with --nproc ranks):
+    dsc run --nproc 2 benchmarks/bench_zero.py --steps 20
+    python benchmarks/bench_zero.py [--only ddp,fsdp2,dsc-z3] [--persistence 100000] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import bench_dp  # noqa: E402  (also puts examples/ on sys.path)
+from bench_dp import MARK, MiB, batches, has_deepspeed, live_tensor_bytes, nbytes, opt_state  # noqa: E402
+
+CONTENDERS = ["ddp", "fsdp2", "dsc-z1", "dsc-z2", "dsc-z3", "ds-z3"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    p.add_argument("--nproc", type=int, default=2, help="ranks (when launched with plain python)")
+    p.add_argument("--micro", type=int, default=4, help="micro-batch size per rank")
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--n-layer", type=int, default=6)
+    p.add_argument("--n-embd", type=int, default=320)
+    p.add_argument("--n-head", type=int, default=5)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--bucket", type=int, default=2_000_000,
+                   help="bucket in elements, the same for all (DDP: bucket_cap_mb = 4*bucket/MiB; dsc: "
+                        "reduce/allgather/prefetch_bucket_size; DeepSpeed: reduce_bucket_size and "
+                        "stage3_prefetch_bucket_size)")
+    p.add_argument("--persistence", type=int, default=0,
+                   help="ZeRO-3 param_persistence_threshold for dsc and DeepSpeed (elements)")
+    p.add_argument("--only", default="", help="comma-separated subset of " + ",".join(CONTENDERS))
+    p.add_argument("--ds-python", default="", help="python with deepspeed installed (for ds-z3); "
+                   "default: this one, else /tmp/dsvenv/bin/python if it exists")
+    p.add_argument("--json", action="store_true", help="print results as JSON lines")
+    p.add_argument("--contender", default="", help=argparse.SUPPRESS)  # internal: worker mode
+    return p.parse_args(argv)
+
+
+ADAMW = dict(lr=None, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+
+
+def _local(t):
+    """The local tensor of a DTensor (FSDP2 shard), else t itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def setup(name, args, model, x, y):
+    """(fwd_bwd, step, memory() -> {params,grads,optimizer}_bytes [+ gathered_peak_bytes], finish)."""
+    import torch
+    import torch.distributed as dist
+
+    adamw = {**ADAMW, "lr": args.lr}
+    if name in ("ddp", "dsc-z1", "dsc-z2"):  # identical to bench_dp.py
+        return bench_dp.setup(name, args, model, x, y)
+    finish = lambda: (dist.barrier(), dist.destroy_process_group())  # noqa: E731
+    if name == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh, reshard_after_forward=True)
+        fully_shard(model, mesh=mesh, reshard_after_forward=True)
+        opt = torch.optim.AdamW(model.parameters(), **adamw, fused=True)
+
+        def fwd_bwd(x, y):
+            loss = model(x, y)
+            loss.backward()
+            return loss
+
+        def step():
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+
+        params = list(model.parameters())
+        mem = lambda: dict(params_bytes=nbytes(_local(p) for p in params),  # noqa: E731
+                           grads_bytes=nbytes(_local(p.grad) for p in params if p.grad is not None),
+                           optimizer_bytes=nbytes(_local(v) for s in opt.state.values() for v in s.values()
+                                                  if torch.is_tensor(v)))
+        return fwd_bwd, step, mem, finish
+    if name == "dsc-z3":
+        import dsc
+
+        plan = {"zero": {"stage": 3, "prefetch_bucket_size": args.bucket, "reduce_bucket_size": args.bucket,
+                         "allgather_bucket_size": args.bucket, "param_persistence_threshold": args.persistence},
+                "optimizer": {"type": "adamw", **{k: list(v) if k == "betas" else v for k, v in adamw.items()}},
+                "batch": {"micro_batch_size": args.micro, "gradient_accumulation_steps": 1}}
+        compiled = dsc.compile(model, plan, example_inputs=(x, y))
+
+        def fwd_bwd(x, y):
+            loss = compiled(x, y)
+            compiled.backward(loss)
+            return loss
+
+        return fwd_bwd, compiled.step, compiled.memory_bytes, dsc.runtime.mesh.shutdown
+    if name == "ds-z3":
+        import deepspeed
+
+        cfg = {"train_micro_batch_size_per_gpu": args.micro, "gradient_accumulation_steps": 1,
+               "zero_optimization": {"stage": 3, "reduce_bucket_size": args.bucket,
+                                     "stage3_prefetch_bucket_size": args.bucket,
+                                     "stage3_param_persistence_threshold": args.persistence},
+               "zero_allow_untested_optimizer": True,
+               "gradient_clipping": 0.0, "steps_per_print": 10**9}
+        opt = torch.optim.AdamW(model.parameters(), **adamw, fused=True)
+        engine, dopt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+
+        def fwd_bwd(x, y):
+            loss = engine(x, y)
+            engine.backward(loss)
+            return loss
+
+        def mem():
+            # ZeRO-3 keeps: each param's partition (p.ds_tensor, views of fp16_partitioned_groups_flat),
+            # an fp32 partition copy the optimizer updates, gradient partitions (+ its ipg bucket).
+            params = list(model.parameters())
+            inner = getattr(dopt, "optimizer", dopt)
+            ps = [p.data for p in params] + [getattr(p, "ds_tensor", None) for p in params]
+            for attr in ("fp16_partitioned_groups_flat", "fp32_partitioned_groups_flat"):
+                ps += list(getattr(dopt, attr, None) or [])
+            gs = [p.grad for p in params] + [p.grad for p in getattr(dopt, "fp32_partitioned_groups_flat", [])]
+            gs.append(getattr(dopt, "grad_partitions_flat_buffer", None))
+            gs.append(getattr(dopt, "_DeepSpeedZeroOptimizer_Stage3__ipg_bucket_flat_buffer", None))
+            for g in (getattr(dopt, "averaged_gradients", None) or {}).values():
+                gs += list(g or [])
+            return dict(params_bytes=nbytes(ps), grads_bytes=nbytes(gs), optimizer_bytes=nbytes(opt_state(inner)))
+
+        return fwd_bwd, engine.step, mem, finish
+    raise SystemExit(f"unknown contender {name!r}; choose from {','.join(CONTENDERS)}")
+
+
+def worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+    from gpt import build_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    data = batches(args, rank, world, args.warmup + args.steps)
+    model = build_model(0, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, block_size=args.seq)
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())  # tied counted once
+    fwd_bwd, step, mem, finish = setup(args.contender, args, model, *data[0])
+    times, loss, m, live = [], None, None, 0
+    for i, (x, y) in enumerate(data):
+        dist.barrier()
+        t0 = time.perf_counter()
+        loss = fwd_bwd(x, y)
+        if i == args.warmup - 1:  # untimed: memory when gradients exist and optimizer state too
+            m, live = dict(mem()), live_tensor_bytes()
+        step()
+        dist.barrier()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    final = loss.detach().clone()
+    final = _local(final)
+    dist.all_reduce(final)
+    gathered = m.pop("gathered_peak_bytes", None)
+    res = {"name": args.contender, "world": world, "num_params": n_params,
+           "median_step_s": statistics.median(times), "step_s": times,
+           "final_loss": float(final) / world, **m,
+           "model_state_bytes": sum(m.values()), "gathered_peak_bytes": gathered, "live_tensor_bytes": live,
+           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    res["psi_over_n"] = res["model_state_bytes"] * world / n_params
+    per_rank = [None] * world
+    dist.all_gather_object(per_rank, res)
+    if rank == 0:
+        res["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in per_rank)
+        res["per_rank"] = [{k: r[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "model_state_bytes",
+                                              "gathered_peak_bytes", "live_tensor_bytes", "peak_rss_bytes")}
+                           for r in per_rank]
+        print(MARK + json.dumps(res), flush=True)
+    finish()
+
+
+# -- parent: one torchrun job per contender, then the table -----------------------------------------
+def launch(name, python, nproc, argv) -> dict | None:
+    """bench_dp.launch, but running this file."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items()
+           if not (k.startswith("TORCHELASTIC") or k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK",
+                   "ROLE_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCH_NCCL_ASYNC_ERROR_HANDLING"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DS_ACCELERATOR=env.get("DS_ACCELERATOR", "cpu"))
+    cmd = [python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+           f"--master-port={port}", os.path.abspath(__file__), *argv, "--contender", name]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    for line in r.stdout.splitlines():
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):])
+    print(f"[{name}] failed (exit {r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}", file=sys.stderr)
+    return None
+
+
+def table(results) -> str:
+    base = {n: next((r["median_step_s"] for r in results if r["name"] == n), None) for n in ("ddp", "fsdp2")}
+    head = ["name", "median step s", "vs DDP", "vs FSDP2", "params MiB", "grads MiB", "optim MiB",
+            "model-state MiB", "x Psi/N", "gathered peak MiB", "peak RSS MiB", "final loss"]
+    rows = [head]
+    for r in results:
+        t = r["median_step_s"]
+        rows.append([r["name"], f"{t:.3f}",
+                     *(f"{t / base[n]:.2f}x" if base[n] else "-" for n in ("ddp", "fsdp2")),
+                     *(f"{r[k] / MiB:.1f}" for k in ("params_bytes", "grads_bytes", "optimizer_bytes",
+                                                      "model_state_bytes")),
+                     f"{r['psi_over_n']:.1f}",
+                     f"{r['gathered_peak_bytes'] / MiB:.1f}" if r.get("gathered_peak_bytes") is not None else "-",
+                     f"{r['peak_rss_bytes'] / MiB:.0f}", f"{r['final_loss']:.4f}"])
+    w = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [" | ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(row)) for row in rows]
+    lines.insert(1, "-+-".join("-" * x for x in w))
+    return "\n".join(lines)
+
+
+def parent(args, argv) -> int:
+    nproc = int(os.environ.get("WORLD_SIZE", args.nproc))
+    names = [n for n in (args.only.split(",") if args.only else CONTENDERS) if n]
+    ds_python = args.ds_python or sys.executable
+    if any(n.startswith("ds-") for n in names) and not has_deepspeed(ds_python):
+        fallback = "/tmp/dsvenv/bin/python"
+        if not args.ds_python and os.path.exists(fallback) and has_deepspeed(fallback):
+            ds_python = fallback
+        else:
+            print(f"deepspeed does not import in {ds_python}: skipping ds-z3 (see --ds-python)", file=sys.stderr)
+            names = [n for n in names if not n.startswith("ds-")]
+    results = []
+    for name in names:
+        t = time.time()
+        r = launch(name, ds_python if name.startswith("ds-") else sys.executable, nproc, argv)
+        print(f"[{name}] done in {time.time() - t:.0f}s", file=sys.stderr, flush=True)
+        if r:
+            results.append(r)
+    if args.json:
+        for r in results:
+            print(json.dumps(r))
+    else:
+        r0 = results[0] if results else {}
+        print(f"GPT {r0.get('num_params', 0) / 1e6:.2f}M params (Psi), {nproc} ranks x micro-batch {args.micro} x "
+              f"seq {args.seq}, fp32 AdamW, {args.warmup} warm-up + {args.steps} timed steps, bucket "
+              f"{args.bucket:,} elements, ZeRO-3 persistence threshold {args.persistence:,}; "
+              f"MiB are per rank (rank 0); x Psi/N = model-state bytes * N / Psi")
+        print(table(results))
+    return 0 if len(results) == len(names) else 1
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    args = parse_args(argv)
+    if args.warmup < 2:
+        sys.exit("--warmup must be >= 2 (memory is read in the last warm-up step, after an optimizer step)")
+    if args.contender:
+        worker(args)
+        return 0
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under `dsc run`: rank 0 drives the benchmark, the other ranks have nothing to do
+    return parent(args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
