@@ -160,6 +160,8 @@ def setup(name, args, model, x, y):
             ps = [p.data for p in params] + [getattr(p, "ds_tensor", None) for p in params]
             for attr in ("fp16_partitioned_groups_flat", "fp32_partitioned_groups_flat"):
                 ps += list(getattr(dopt, attr, None) or [])
+            lp = getattr(dopt, "lp_param_buffer", None)
+            ps += [lp] if torch.is_tensor(lp) else []
             gs = [p.grad for p in params] + [p.grad for p in getattr(dopt, "fp32_partitioned_groups_flat", [])]
             gs.append(getattr(dopt, "grad_partitions_flat_buffer", None))
             gs.append(getattr(dopt, "_DeepSpeedZeroOptimizer_Stage3__ipg_bucket_flat_buffer", None))

@@ -22,6 +22,7 @@ import torch.nn as nn
 from dsc.runtime.lr_schedules import build_scheduler
 from dsc.runtime.mesh import data_parallel_group, init_distributed
 from dsc.runtime.optim import build_optimizer
+from dsc.runtime.checkpoint import load_checkpoint, save_checkpoint
 from dsc.runtime.collectives import bind_mesh_dim
 from dsc.runtime.zero import ZeroEngine
 from dsc.runtime.zero3 import Zero3Engine
@@ -222,6 +223,40 @@ class CompiledModel(nn.Module):
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held right now for trainable params, grads and optimizer state (live tensors)."""
         return self.engine.live_bytes()
+
+    def _state_names(self) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+        """(state_dict key -> canonical trainable parameter name, the other state: buffers, frozen)."""
+        user = self._model.model if isinstance(self._model, _WithLoss) else self._model
+        prefix = "model." if isinstance(self._model, _WithLoss) else ""
+        sharded = {s.name for b in self.engine.layout.buckets for s in b.slots}
+        canon = {id(p): n for n, p in self._model.named_parameters(remove_duplicate=True) if n in sharded}
+        aliases, other = {}, {}
+        for key, v in user.state_dict(keep_vars=True).items():
+            if id(v) in canon:
+                aliases[key] = canon[id(v)]
+            else:
+                other[key] = v
+        assert all(n.startswith(prefix) for n in aliases.values())
+        return aliases, other
+
+    def save_checkpoint(self, directory, tag: str | None = None):
+        """Save this rank's shards, optimizer, scheduler, steps and RNG (every rank calls it).
+
+        Written atomically: `directory/latest` names the last complete checkpoint. Loads on any
+        number of ranks and any ZeRO stage (`load_checkpoint`); `dsc checkpoint consolidate`
+        turns it into one plain state_dict.
+        """
+        aliases, other = self._state_names()
+        return save_checkpoint(self.engine, other, aliases, self._plan, directory, tag)
+
+    def load_checkpoint(self, directory, tag: str | None = None) -> None:
+        """Load a checkpoint saved by `save_checkpoint` (any world size or stage; default: latest)."""
+        _, other = self._state_names()
+        buffers = load_checkpoint(self.engine, directory, tag)
+        with torch.no_grad():
+            for key, value in buffers.items():
+                if key in other:
+                    other[key].copy_(value)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full parameters and buffers under the original model's state_dict keys (copies).

@@ -5,6 +5,7 @@
     dsc schema
     dsc inspect DIR [--rank R] [--format text|json]
     dsc run --nproc N script.py [args ...]
+    dsc checkpoint consolidate DIR OUT
     dsc report
 """
 
@@ -14,8 +15,6 @@ import argparse
 import importlib.util
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 import warnings
@@ -131,23 +130,26 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cmd_run(args) -> int:
+    from dsc.runtime.launch import launch
+
     if not args.script:
         print("dsc run: give a script to run, e.g. `dsc run --nproc 2 train.py`", file=sys.stderr)
         return 2
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
-           f"--nnodes={args.nnodes}", "--master-addr", args.master_addr,
-           "--master-port", str(args.master_port or _free_port()), *args.script]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return subprocess.call(cmd, env=env)
+    return launch(args.script[0], args.script[1:], args.nproc, args.nnodes, args.master_addr, args.master_port)
+
+
+def cmd_checkpoint(args) -> int:
+    from dsc.runtime.checkpoint import consolidate
+
+    try:
+        state = consolidate(args.dir, args.out, args.tag)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"dsc: {e}", file=sys.stderr)
+        return 1
+    n = sum(v.numel() for v in state.values())
+    print(f"wrote {args.out}: {len(state)} tensors, {n:,} elements (load with model.load_state_dict)")
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -222,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--master-port", type=int, default=0, help="rendezvous port (default: a free one)")
     r.add_argument("script", nargs=argparse.REMAINDER, help="script and its arguments")
     r.set_defaults(fn=cmd_run)
+
+    k = sub.add_parser("checkpoint", help="work with checkpoints written by compiled.save_checkpoint")
+    ksub = k.add_subparsers(dest="action", metavar="ACTION", required=True)
+    kc = ksub.add_parser("consolidate", help="write one plain fp32 state_dict from a sharded checkpoint",
+                         description="Gather every rank's shards of DIR (its latest checkpoint, or --tag) "
+                         "into one state_dict with the model's own keys, loadable by model.load_state_dict.")
+    kc.add_argument("dir")
+    kc.add_argument("out")
+    kc.add_argument("--tag", help="checkpoint tag (default: the one DIR/latest names)")
+    kc.set_defaults(fn=cmd_checkpoint)
 
     e = sub.add_parser("report", help="print the environment: versions, backends, GPUs")
     e.set_defaults(fn=cmd_report)

@@ -6,7 +6,7 @@ Guarantees: no get_attr of an original trainable parameter remains. For each buc
 reads this rank's shard (`get_attr _dsc_shard_<b>`, a 1-D parameter of `chunk` elements the
 runtime creates), gathers it with `dsc::all_gather` (whose gradient is the reduce-scatter, so
 autograd reduces gradients into the shards), and takes each parameter as a view of the gathered
-buffer. A gather serves the uses of its bucket up to the first use of a later bucket; a use after
+buffer (one split_with_sizes per gather). A gather serves the uses of its bucket up to the first use of a later bucket; a use after
 that (a tied weight, say) gets a fresh gather, so at most the current and the previous bucket are
 whole at any point of forward. Persistent buckets (parameters under the persistence threshold)
 are gathered once per forward and kept for backward; the others are re-gathered in backward by the
@@ -15,6 +15,8 @@ Reads node.meta: `val`. Writes node.meta: `val` on new nodes, `dsc.gather` = buc
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx
@@ -70,15 +72,20 @@ def shard_parameters(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResul
                 full = graph.call_function(torch.ops.dsc.all_gather.default, (shard, GROUP, layout.dp))
                 full.meta["val"] = torch.empty(b.padded, dtype=dtype, device="meta")
                 full.meta["dsc.gather"] = b.index
-            live = current[b.index] = (full, {})
+                # one split per gather: its backward is a single concatenation into the bucket's
+                # gradient (a slice per parameter would zero-fill a whole bucket per parameter)
+                sizes = [x.numel for x in b.slots] + ([b.padded - b.numel] if b.padded > b.numel else [])
+                split = graph.call_function(aten.split_with_sizes.default, (full, sizes))
+                split.meta["val"] = [torch.empty(n, dtype=dtype, device="meta") for n in sizes]
+            live = current[b.index] = (split, {})
             gathers += 1
-        full, views = live
+        split, views = live
         if s.name not in views:
-            with graph.inserting_after(full):
-                piece = graph.call_function(aten.slice.Tensor, (full, 0, s.offset, s.offset + s.numel))
+            index = next(i for i, x in enumerate(b.slots) if x.name == s.name)
+            with graph.inserting_after(split):
+                piece = graph.call_function(operator.getitem, (split, index))
             with graph.inserting_after(piece):
                 view = graph.call_function(aten.view.default, (piece, list(s.shape)))
-            # keep the views right after their gather, in slot order, before any user
             piece.meta["val"] = torch.empty(s.numel, dtype=dtype, device="meta")
             view.meta["val"] = torch.empty(s.shape, dtype=dtype, device="meta")
             views[s.name] = view

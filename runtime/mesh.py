@@ -9,6 +9,7 @@ others waiting forever (torchrun also tears the whole job down when one worker e
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 
 import torch
@@ -60,5 +61,6 @@ def shutdown() -> None:
     abort the process at interpreter teardown ("terminate called without an active exception").
     """
     if dist.is_initialized():
+        gc.collect()  # release tensors and work objects that reference gloo while the group lives
         dist.barrier()
         dist.destroy_process_group()

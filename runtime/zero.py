@@ -115,6 +115,12 @@ class ZeroEngine:
         start = b.offset + (self.rank * b.chunk if self.layout.stage >= 1 else 0)
         return flat[start: start + b.chunk]
 
+    def own_chunk(self, full_bucket: torch.Tensor, b: Bucket) -> torch.Tensor:
+        """This rank's part of a whole bucket (all of it at stage 0)."""
+        if self.layout.stage == 0:
+            return full_bucket
+        return full_bucket[self.rank * b.chunk: (self.rank + 1) * b.chunk]
+
     # -- backward ---------------------------------------------------------------------------------
     def begin_backward(self) -> None:
         """Called before each micro-step's backward: decides whether this one is a boundary."""

@@ -125,13 +125,14 @@ def test_report_prints_environment():
 
 def test_run_passes_arguments_and_exit_code(tmp_path):
     script = tmp_path / "s.py"
-    script.write_text("import os, sys\nprint('rank', os.environ['RANK'], sys.argv[1:])\n"
+    # one write per line: two ranks share the pipe, and print() may split a line in two writes
+    script.write_text("import os, sys\nsys.stdout.write(f\"rank {os.environ['RANK']} {sys.argv[1:]}\\n\")\n"
                       "sys.exit(3 if sys.argv[1] == 'fail' else 0)\n")
-    ok = dsc("run", "--nproc", "2", str(script), "hello", "--flag")
+    ok = dsc("run", "--nproc", "2", str(script), "hello", "--flag", "--start")  # --start: not torchrun's
     assert ok.returncode == 0, ok.stderr
-    assert "rank 0 ['hello', '--flag']" in ok.stdout and "rank 1" in ok.stdout
+    assert "rank 0 ['hello', '--flag', '--start']" in ok.stdout and "rank 1" in ok.stdout
     bad = dsc("run", "--nproc", "1", str(script), "fail")
-    assert bad.returncode != 0
+    assert bad.returncode == 3  # the script's own exit code
 
 
 def test_python_dash_m_dsc_works():
