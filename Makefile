@@ -22,6 +22,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_dp.py
+	$(BIN)/python benchmarks/bench_zero.py
 
 clean:
 	rm -rf $(VENV) dsc_out .pytest_cache

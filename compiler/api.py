@@ -22,6 +22,7 @@ import torch.nn as nn
 from dsc.runtime.lr_schedules import build_scheduler
 from dsc.runtime.mesh import data_parallel_group, init_distributed
 from dsc.runtime.optim import build_optimizer
+from dsc.runtime.precision import autocast, build_loss_scaler
 from dsc.runtime.checkpoint import load_checkpoint, save_checkpoint
 from dsc.runtime.collectives import bind_mesh_dim
 from dsc.runtime.zero import ZeroEngine
@@ -131,6 +132,7 @@ class CompiledModel(nn.Module):
         args = (layout, make_opt, make_sched, group, plan.batch.gradient_accumulation_steps,
                 plan.gradient_clipping)
         self._engine = Zero3Engine(gm, params, *args) if layout.stage == 3 else ZeroEngine(params, *args)
+        self._engine.scaler = build_loss_scaler(plan.precision)
 
     @property
     def compiled(self) -> bool:
@@ -146,9 +148,14 @@ class CompiledModel(nn.Module):
                                           "built yet: call the model in train mode under torch.no_grad()")
             return self._eval_graph(args, kwargs)(*args, **kwargs)
         if self._engine is None:
+            with autocast(self._plan.precision, self._device_type()):
+                return self._program.gm(*args, **kwargs)
+        with self._engine.forward_context(), autocast(self._plan.precision, self._device_type()):
             return self._program.gm(*args, **kwargs)
-        with self._engine.forward_context():
-            return self._program.gm(*args, **kwargs)
+
+    def _device_type(self) -> str:
+        p = next(iter(self._program.gm.parameters()), None)
+        return p.device.type if p is not None and p.device.type != "meta" else "cpu"
 
     def _eval_graph(self, args, kwargs):
         """Captured lazily: dropout and friends are baked into a graph as train or eval."""
@@ -178,10 +185,11 @@ class CompiledModel(nn.Module):
         return self._engine
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward of one micro-batch's loss, divided by gradient_accumulation_steps."""
+        """Backward of one micro-batch's loss, divided by gradient_accumulation_steps (and, for
+        fp16, multiplied by the loss scale; the step divides the gradients by it again)."""
         engine = self.engine
         engine.begin_backward()
-        (loss / engine.accumulation_steps).backward()
+        (loss * (engine.scaler.cur_scale / engine.accumulation_steps)).backward()
 
     def step(self) -> bool:
         """Optimizer and scheduler step at an accumulation boundary; a no-op between them."""

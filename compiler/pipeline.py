@@ -14,6 +14,7 @@ from typing import Any
 
 import torch.fx
 
+from dsc.passes.precision import relax_dtype_asserts
 from dsc.passes.zero import check_zero_layout, plan_zero_buckets
 from dsc.passes.zero3 import check_sharded, shard_parameters
 from dsc.runtime.optim import optimizer_kind
@@ -48,8 +49,11 @@ def estimate_costs(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
 #   annotate_shapes -> plan_zero_buckets: bucket sizes are element counts read from node values.
 #   plan_zero_buckets -> shard_parameters: ZeRO-3 gathers whole buckets, so it needs their layout.
 #   plan_zero_buckets -> estimate_costs: memory and traffic depend on the shard layout.
+#   relax_dtype_asserts has no edge: it only removes assertion nodes nothing else reads.
 PASSES = [
     Pass("annotate_shapes", annotate_shapes, provides=frozenset({"shapes"})),
+    Pass("relax_dtype_asserts", relax_dtype_asserts, provides=frozenset({"autocast_ready"}),
+         enabled=lambda plan: plan.precision.dtype != "fp32"),
     Pass("plan_zero_buckets", plan_zero_buckets, provides=frozenset({"grad_buckets"}),
          requires=frozenset({"shapes"}), check=check_zero_layout),
     Pass("shard_parameters", shard_parameters, provides=frozenset({"sharded_params"}),

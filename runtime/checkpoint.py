@@ -67,6 +67,7 @@ def save_checkpoint(engine, model_state: dict[str, torch.Tensor], aliases: dict[
     payload = {"version": VERSION, "rank": engine.rank, "shards": shards,
                "scheduler": engine.scheduler.state_dict() if engine.scheduler is not None else None,
                "global_step": engine.global_step, "micro_step": engine.micro_step,
+               "loss_scaler": engine.scaler.state_dict(), "skipped_steps": engine.skipped_steps,
                "rng": torch.get_rng_state()}
     if engine.rank == 0:
         payload["buffers"] = {k: v.detach().clone() for k, v in model_state.items()}
@@ -159,6 +160,9 @@ def load_checkpoint(engine, directory: str | os.PathLike, tag: str | None = None
         if engine.optimizer is not None:  # DeepSpeed's state is only the position: recompute its lr
             for group, lr in zip(engine.optimizer.param_groups, engine.scheduler.get_lr()):
                 group["lr"] = lr
+    if "loss_scaler" in own:
+        engine.scaler.load_state_dict(own["loss_scaler"])
+        engine.skipped_steps = own["skipped_steps"]
     engine.global_step = own["global_step"]
     engine.micro_step = own["micro_step"]
     torch.set_rng_state(own["rng"])

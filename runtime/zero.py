@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from dsc.passes.zero import Bucket, ZeroLayout
 from dsc.runtime import collectives as C
+from dsc.runtime.precision import StaticLossScaler
 
 
 class ZeroEngine:
@@ -99,6 +100,8 @@ class ZeroEngine:
         self._ready: dict[int, int] = {}
         self._reduced: set[int] = set()
         self._callback_queued = False
+        self.scaler = StaticLossScaler(1.0)  # replaced by the runtime for fp16
+        self.skipped_steps = 0
 
     def forward_context(self):
         """Context the compiled graph's forward runs in (stage 3 installs saved-tensor hooks)."""
@@ -225,7 +228,18 @@ class ZeroEngine:
         if self.optimizer is None:
             raise RuntimeError("this model was compiled without an optimizer (plan has no 'optimizer')")
         self._average()
-        self.last_grad_norm = self.grad_norm()
+        if self.scaler.cur_scale != 1.0:
+            for sp in self.shard_params:
+                sp.grad.div_(self.scaler.cur_scale)
+        self.last_grad_norm = self.grad_norm()  # global across shards: every rank sees the same
+        if not math.isfinite(self.last_grad_norm):
+            if not self.scaler.dynamic:
+                raise FloatingPointError(f"gradient norm is {self.last_grad_norm} at step {self.global_step}")
+            self.scaler.update(True)  # fp16 overflow: skip this step, as DeepSpeed does
+            self.skipped_steps += 1
+            self.zero_grad()
+            return False
+        self.scaler.update(False)
         if self.clip > 0:
             coef = self.clip / (self.last_grad_norm + 1e-6)
             if coef < 1.0:

@@ -120,6 +120,9 @@ ZERO_RENAMED = {  # deprecated or field-name spelling -> DeepSpeed's current key
     "stage3_gather_fp16_weights_on_model_save": "stage3_gather_16bit_weights_on_model_save",
     "gather_16bit_weights_on_model_save": "stage3_gather_16bit_weights_on_model_save",
 }
+FP16_MAPPED = {"loss_scale": "loss_scale", "initial_scale_power": "initial_scale_power",
+               "loss_scale_window": "loss_scale_window", "hysteresis": "hysteresis",
+               "consecutive_hysteresis": "consecutive_hysteresis", "min_loss_scale": "min_loss_scale"}
 ZERO3_MAPPED = {"stage3_prefetch_bucket_size": "prefetch_bucket_size",
                 "stage3_param_persistence_threshold": "param_persistence_threshold"}
 ZERO_KNOWN = {*ZERO_MAPPED, *ZERO3_MAPPED, *ZERO_NOTES, *ZERO_FEATURES, *ZERO_RENAMED}
@@ -275,10 +278,12 @@ class _Translator:
                                       "dsc communicates in fp32")
         elif key == "data_types":
             for sub, v in (value or {}).items():
-                if sub == "grad_accum_dtype" and v in (None, "fp32", "float32"):
-                    self.note(f"{key}.{sub}", "ignored: dsc accumulates gradients in fp32")
+                if sub == "grad_accum_dtype" and v in ("fp32", "float32"):
+                    self.put("precision.grad_accum_dtype", "fp32", f"{key}.{sub}")
+                elif sub == "grad_accum_dtype" and v is None:
+                    self.note(f"{key}.{sub}", "unset: dsc accumulates gradients in fp32")
                 else:
-                    self.warn(f"{key}.{sub}", v, "not supported yet; dsc keeps everything in fp32")
+                    self.warn(f"{key}.{sub}", v, "not supported yet; dsc accumulates gradients in fp32")
         elif key == "compile":
             for sub, v in (value or {}).items():
                 if sub == "passes":
@@ -323,16 +328,27 @@ class _Translator:
         if not isinstance(value, dict):
             self.warn(key, value, "expected an object like {\"enabled\": true}; ignored")
             return
+        enabled = value.get("enabled", False) is True
         for sub, v in value.items():
             path = f"{key}.{sub}"
-            if sub != "enabled":
-                self.note(path, f"ignored: {name} setting, no effect in fp32 training")
-            elif v is True:
-                self.warn(path, v, f"{name} mixed precision is not supported yet; dsc trains in fp32")
-            elif v == "auto":
-                self.note(path, "'auto' (HF Trainer fills it from --fp16/--bf16); dsc trains in fp32")
+            if sub == "enabled":
+                if v is True:
+                    self.put("precision.dtype", name, path, "autocast compute, fp32 master weights")
+                elif v == "auto":
+                    self.note(path, "'auto' (HF Trainer fills it from --fp16/--bf16); dsc trains in fp32")
+                else:
+                    self.note(path, f"{name} off")
+            elif name == "fp16" and sub in FP16_MAPPED:
+                if enabled:
+                    self.put(f"precision.{FP16_MAPPED[sub]}", v, path)
+                else:
+                    self.note(path, "ignored: fp16 is off")
+            elif enabled and sub in ("fp16_master_weights_and_grads", "bf16_master_weights_and_grads",
+                                     "bf16_optimizer_states", "immediate_grad_update", "auto_cast"):
+                self.warn(path, v, f"{name} option not supported yet; dsc keeps fp32 master weights, "
+                                   "gradients and optimizer state and computes under autocast")
             else:
-                self.note(path, f"{name} off; dsc trains in fp32")
+                self.note(path, f"ignored: {name} setting" + ("" if enabled else f" ({name} is off)"))
 
     def zero(self, cfg: Any) -> None:
         if not isinstance(cfg, dict):

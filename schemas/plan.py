@@ -154,16 +154,39 @@ class Scheduler(Section):
 
 
 class Precision(Section):
-    """Numeric precision of training."""
+    """Numeric precision of training (DeepSpeed's ``fp16`` / ``bf16`` / ``data_types``).
 
-    dtype: Literal["fp32"] = "fp32"
-    """Parameter, gradient and optimizer-state dtype. Allowed: fp32 (bf16/fp16 are planned)."""
+    bf16 and fp16 run the compiled graph under torch.autocast: matmuls and attention compute in
+    the low dtype, precision-sensitive ops (softmax, norms, losses) in fp32, exactly as eager
+    autocast does. Parameters, gradients and optimizer state stay fp32 — they are the master
+    weights, held as shards under ZeRO-3 — so there is no second copy of the weights. fp16 adds
+    loss scaling with DeepSpeed's semantics: an overflowed step is skipped and reported.
+    """
 
-    @field_validator("dtype", mode="before")
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Compute dtype of matmuls and attention. Allowed: fp32, bf16, fp16."""
+    grad_accum_dtype: Literal["fp32"] = "fp32"
+    """Dtype gradients are accumulated and reduced in (DeepSpeed's data_types.grad_accum_dtype).
+    Allowed: fp32 (bf16/fp16 accumulation is not supported yet)."""
+    loss_scale: float = Field(0.0, ge=0)
+    """fp16: a fixed loss scale, or 0 for dynamic loss scaling."""
+    initial_scale_power: int = Field(16, ge=0)
+    """fp16 dynamic scaling: the first scale is 2**initial_scale_power."""
+    loss_scale_window: PositiveInt = 1000
+    """fp16 dynamic scaling: steps without overflow before the scale doubles."""
+    hysteresis: PositiveInt = 2
+    """fp16 dynamic scaling: overflows tolerated before the scale halves."""
+    consecutive_hysteresis: bool = False
+    """fp16 dynamic scaling: refill the hysteresis after every step without overflow."""
+    min_loss_scale: float = Field(1.0, gt=0)
+    """fp16 dynamic scaling: the scale never goes below this."""
+
+    @field_validator("dtype", "grad_accum_dtype", mode="before")
     @classmethod
-    def _planned(cls, v: Any) -> Any:
-        if v in ("bf16", "fp16", "bfloat16", "float16"):
-            raise ValueError(f"{v!r} is not supported yet (mixed precision is planned); allowed: fp32")
+    def _aliases(cls, v: Any, info) -> Any:
+        v = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32"}.get(v, v)
+        if info.field_name == "grad_accum_dtype" and v in ("bf16", "fp16"):
+            raise ValueError(f"{v!r} is not supported yet (gradients accumulate in fp32); allowed: fp32")
         return v
 
 

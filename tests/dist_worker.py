@@ -28,6 +28,7 @@ def plan_for(stage: int, args) -> dict:
                       "warmup_num_steps": 3, "warmup_type": "linear"},
         "batch": {"micro_batch_size": args.micro, "gradient_accumulation_steps": args.gas},
         "gradient_clipping": args.clip,
+        "precision": {"dtype": args.precision},
     }
 
 
@@ -42,6 +43,7 @@ def main() -> None:
     p.add_argument("--clip", type=float, default=0.5)
     p.add_argument("--bucket", type=int, default=3000)
     p.add_argument("--overlap", action="store_true")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--all-reduce", action="store_true", help="zero.reduce_scatter = false")
     p.add_argument("--allgather-bucket", type=int, default=500_000_000)
     p.add_argument("--out", required=True)
@@ -74,7 +76,8 @@ def main() -> None:
         layout = report["ranks"][0]
         buckets = next(p for p in report["passes"] if p["name"] == "plan_zero_buckets")["details"]["buckets"]
         results[stage] = {"losses": losses, "state": state, "memory": compiled.memory_bytes(),
-                          "analytic": layout["memory"], "lr": compiled.get_lr(),
+                          "analytic": layout["memory"], "lr": compiled.get_lr(), "skipped": compiled.engine.skipped_steps,
+                          "scale": compiled.engine.scaler.cur_scale,
                           "numel": sum(p.numel() for p in model.parameters() if p.numel()) if stage < 3
                           else sum(b["elements"] for b in buckets),
                           "padded": sum(b["padded"] for b in buckets), "buckets": len(buckets)}

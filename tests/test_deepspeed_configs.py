@@ -30,31 +30,31 @@ EXPECTED = {
     "ds_docs_autoep_custom_model.json": {
         1: ("valid", ["expert_parallel", "train_micro_batch_size_per_gpu"])},
     "ds_examples_sdma_zero3_bf16.json": {
-        1: ("valid", ["bf16.enabled", *Z3_UNSUPPORTED]), 8: ("valid", ["bf16.enabled", *Z3_UNSUPPORTED])},
+        1: ("valid", [*Z3_UNSUPPORTED]), 8: ("valid", [*Z3_UNSUPPORTED])},
     "ds_tests_bingbert_fp16_eigenvalue_moq.json": {
-        1: ("valid", ["eigenvalue", "fp16.enabled", "optimizer.params.bias_correction",
+        1: ("valid", ["eigenvalue", "optimizer.params.bias_correction",
                       "quantize_training", "tensorboard"]),
-        8: ("valid", ["eigenvalue", "fp16.enabled", "optimizer.params.bias_correction",
+        8: ("valid", ["eigenvalue", "optimizer.params.bias_correction",
                       "quantize_training", "tensorboard"])},
     "ds_tests_deepcompile_zero3_no_persist.json": {
-        1: ("valid", ["bf16.enabled", "zero_optimization.stage3_model_persistence_threshold"])},
+        1: ("valid", ["zero_optimization.stage3_model_persistence_threshold"])},
     "ds_tests_hybrid_engine_zero0_offload_param.json": {
-        1: ("valid", ["fp16.enabled", "zero_optimization.offload_param"])},
+        1: ("valid", ["zero_optimization.offload_param"])},
     "ds_tests_megatron_gpt2_bs4_zero1.json": {
-        1: ("valid", ["fp16.enabled"]), 8: ("error", ["train_batch_size"])},
+        1: ("valid", []), 8: ("error", ["train_batch_size"])},
     "ds_tests_megatron_gpt2_bs8_zero0_gas3.json": {
-        1: ("valid", ["activation_checkpointing", "fp16.enabled"]),
-        8: ("valid", ["activation_checkpointing", "fp16.enabled"])},
+        1: ("valid", ["activation_checkpointing"]),
+        8: ("valid", ["activation_checkpointing"])},
     "ds_tests_megatron_gpt2_bs8_zero2_cpu_offload_legacy.json": {
-        1: ("valid", ["activation_checkpointing", "fp16.enabled",
+        1: ("valid", ["activation_checkpointing",
                       "zero_optimization.cpu_offload", "zero_optimization.cpu_offload"])},
-    "ds_tests_torch_compile_zero3_bf16.json": {1: ("valid", ["bf16.enabled"]), 8: ("valid", ["bf16.enabled"])},
+    "ds_tests_torch_compile_zero3_bf16.json": {1: ("valid", []), 8: ("valid", [])},
     "dse_autosp_deepcompile.json": {
-        1: ("valid", ["bf16.enabled", "compile.passes", "sequence_parallel_size"]),
+        1: ("valid", ["compile.passes", "sequence_parallel_size"]),
         8: ("error", ["train_batch_size"])},
     "dse_autotp_hf_zero2_auto.json": {1: ("error", ["scheduler.params.total_num_steps"])},
     "dse_autotuning_hf_fp16_tune.json": {
-        1: ("valid", ["autotuning", "fp16.enabled"]), 8: ("valid", ["autotuning", "fp16.enabled"])},
+        1: ("valid", ["autotuning"]), 8: ("valid", ["autotuning"])},
     "dse_bing_bert_onebitadam_fp16.json": {1: ("error", ["optimizer.type"])},
     "dse_compression_bert_xtc_w1a8.json": {
         1: ("valid", ["compression_training", "prescale_gradients"]),
@@ -63,14 +63,14 @@ EXPECTED = {
         1: ("valid", ["compression_training", "prescale_gradients"]),
         8: ("error", ["train_batch_size"])},
     "dse_compression_cifar_channel_prune.json": {
-        1: ("valid", ["compression_training", "fp16.enabled", "prescale_gradients"]),
+        1: ("valid", ["compression_training", "prescale_gradients"]),
         8: ("error", ["train_batch_size"])},
     "dse_pipeline_parallelism.json": {1: ("valid", []), 8: ("valid", [])},
     "dse_sglang_zero3_nvme_offload_auto.json": {
         1: ("valid", ["zero_optimization.offload_param", "zero_optimization.stage3_max_live_parameters"]),
         8: ("error", ["train_batch_size"])},
     "dse_zenflow_zero2_offload.json": {
-        1: ("valid", ["bf16.enabled", "zero_optimization.offload_optimizer",
+        1: ("valid", ["zero_optimization.offload_optimizer",
                       "zero_optimization.zenflow"])},
     "hf_accelerate_zero3_offload_auto.json": {
         1: ("valid", ["optimizer.params.lr", "optimizer.params.weight_decay", "scheduler.params.warmup_max_lr",
@@ -84,7 +84,7 @@ EXPECTED = {
                       "zero_optimization.offload_param", "zero_optimization.stage3_gather_fp16_weights_on_model_save",
                       *Z3_UNSUPPORTED])},
     "mds_universal_checkpointing_zero1_bf16.json": {
-        1: ("valid", ["bf16.enabled"]), 8: ("error", ["train_batch_size"])},
+        1: ("valid", []), 8: ("error", ["train_batch_size"])},
 }
 CASES = [(name, ws, *outcome) for name, by_ws in EXPECTED.items() for ws, outcome in by_ws.items()]
 
@@ -172,11 +172,13 @@ def test_hf_auto_values_resolved():
 
 @needs_configs
 def test_strict_turns_warnings_into_errors():
+    name = "ds_tests_megatron_gpt2_bs8_zero0_gas3.json"
     with pytest.raises(PlanError) as e:
-        load_plan(CONFIGS / "mds_universal_checkpointing_zero1_bf16.json", strict=True)
-    assert [p.path for p in e.value.problems] == ["bf16.enabled"]
-    with pytest.warns(PlanWarning, match="bf16.enabled"):
-        load_plan(CONFIGS / "mds_universal_checkpointing_zero1_bf16.json")
+        load_plan(CONFIGS / name, strict=True)
+    assert [p.path for p in e.value.problems] == ["activation_checkpointing"]
+    with pytest.warns(PlanWarning, match="activation_checkpointing"):
+        plan = load_plan(CONFIGS / name)
+    assert plan.precision.dtype == "fp16" and plan.precision.hysteresis == 2
 
 
 @needs_configs

@@ -37,8 +37,12 @@ def assert_params_close(got: dict, ref: dict, noise: dict, what: str) -> None:
             assert float(diff[~real].abs().max()) < 1e-4, f"{what}: parameter {k}: zero-gradient entries moved"
 
 
-def eager_reference(model_name: str, world: int):
+def eager_reference(model_name: str, world: int, precision: str = "fp32"):
+    """Single-process eager training; bf16/fp16 under torch.autocast with fp32 weights (fp16 with
+    DeepSpeed's initial loss scale 2**16, which these runs never overflow)."""
     build, batch = MODELS[model_name]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scale = 2.0 ** 16 if precision == "fp16" else 1.0
     model = build()
     gb = MICRO * GAS * world
     data = dataset(STEPS, gb)
@@ -49,8 +53,11 @@ def eager_reference(model_name: str, world: int):
     grad_max = {k: torch.zeros_like(p) for k, p in named.items()}
     for step in range(STEPS):
         a, kw = batch(data[step * gb:(step + 1) * gb])
-        loss = loss_of(model(*a, **kw))
-        loss.backward()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            loss = loss_of(model(*a, **kw))
+        (loss * scale).backward()
+        for p in model.parameters():
+            p.grad.div_(scale)
         for k, p in named.items():
             grad_max[k] = torch.maximum(grad_max[k], p.grad.abs())
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
@@ -63,7 +70,7 @@ def eager_reference(model_name: str, world: int):
 
 
 def run_dsc(tmp_path, model_name: str, world: int, extra=()):
-    out = tmp_path / f"{model_name}_{world}.pt"
+    out = tmp_path / f"{model_name}_{world}_{len(extra)}.pt"
     dsc_run(world, TESTS / "dist_worker.py", "--model", model_name, "--stages", "0,1,2,3", "--steps", str(STEPS),
             "--micro", str(MICRO), "--gas", str(GAS), "--lr", str(LR), "--clip", str(CLIP), "--out", str(out),
             *extra)
@@ -124,3 +131,24 @@ def test_communication_options_match_eager(tmp_path, option):
     for stage, res in results.items():
         torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
         assert_params_close(res["state"], ref_state, noise, f"ZeRO-{stage} {option}")
+
+
+# bf16/fp16 compute: activations are rounded to 8 (bf16) or 11 (fp16) mantissa bits, and dsc's
+# micro-batches round differently from eager's one global batch, so the bound is the low dtype's
+# resolution, not fp32's.
+LOW_TOL = {"bf16": 1e-2, "fp16": 2e-3}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision,world", [("bf16", 2), ("fp16", 2), ("bf16", 4)])
+def test_mixed_precision_matches_eager_autocast(tmp_path, precision, world):
+    ref_losses, ref_state, _, _ = eager_reference("hf_llama", world, precision)
+    results = run_dsc(tmp_path, "hf_llama", world, extra=("--precision", precision))
+    tol = LOW_TOL[precision]
+    for stage, res in results.items():
+        assert res["skipped"] == 0 and res["scale"] == (2.0 ** 16 if precision == "fp16" else 1.0)
+        torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=tol, atol=0)
+        for k, v in ref_state.items():
+            err, scale = float((res["state"][k] - v).double().norm()), float(v.double().norm())
+            assert err <= tol * scale, f"{precision} ZeRO-{stage} {k}: |diff| {err:.3g} vs |ref| {scale:.3g}"
+        assert_memory_is_analytic(res, stage, world)  # fp32 master weights: the same bytes as fp32

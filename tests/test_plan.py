@@ -56,7 +56,8 @@ def test_integral_floats_accepted():
 @pytest.mark.parametrize("plan_dict,path,needles", [
     ({"zero": {"stage": 4}}, "zero.stage", ["4", "not allowed", "allowed: 0, 1, 2, 3"]),
     ({"zero": {"stage": 4}}, "zero.stage", ["4", "allowed: 0, 1, 2"]),
-    ({"precision": {"dtype": "bf16"}}, "precision.dtype", ["'bf16'", "not supported yet", "allowed: fp32"]),
+    ({"precision": {"dtype": "int8"}}, "precision.dtype", ["'int8'", "allowed: 'fp32', 'bf16', 'fp16'"]),
+    ({"precision": {"grad_accum_dtype": "bf16"}}, "precision.grad_accum_dtype", ["'bf16'", "not supported yet"]),
     ({"optimizer": {"type": "lion"}}, "optimizer.type", ["'lion'", "'adamw'", "'adam'", "'sgd'"]),
     ({"scheduler": {"type": "OneCycle"}}, "scheduler.type", ["'OneCycle'", "'WarmupLR'"]),
     ({"scheduler": {"type": "WarmupLR", "warmup_type": "cubic"}}, "scheduler.warmup_type",
@@ -93,7 +94,7 @@ def test_reserved_sections_rejected(section):
 
 
 def test_all_problems_reported_at_once():
-    err = errors_of({"zero": {"stage": 5, "overlap_comm": "maybe"}, "precision": {"dtype": "fp16"},
+    err = errors_of({"zero": {"stage": 5, "overlap_comm": "maybe"}, "precision": {"dtype": "fp8"},
                      "moe": {}, "optimizer": {"type": "adamw", "lr": -1}})
     assert sorted(p.path for p in err.problems) == [
         "moe", "optimizer.lr", "precision.dtype", "zero.overlap_comm", "zero.stage"]

@@ -1,0 +1,31 @@
+"""Mixed precision: let the graph run under autocast.
+
+Requires: a captured graph. Guarantees: no `aten._assert_tensor_metadata` node that pins a
+floating-point dtype remains. torch.export records such assertions next to `.to(dtype)` calls,
+with the dtypes seen at capture (fp32); under autocast a matmul yields bf16/fp16 and the assertion
+would fail although the program is right. The runtime runs the graph under torch.autocast
+(`dsc.runtime.precision`), which chooses each op's compute dtype as eager autocast does.
+Reads/writes node.meta: none.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from dsc.pass_manager import CompileContext, PassResult
+
+ASSERT = torch.ops.aten._assert_tensor_metadata.default
+
+
+def relax_dtype_asserts(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
+    """Remove capture-time dtype assertions on floating-point tensors."""
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is ASSERT and not node.users:
+            dtype = node.kwargs.get("dtype")
+            if dtype is None or dtype.is_floating_point:
+                gm.graph.erase_node(node)
+                removed += 1
+    return PassResult(summary=f"{ctx.plan.precision.dtype} autocast: removed {removed} capture-time dtype "
+                              "assertion(s)", changed_graph=removed > 0, details={"removed": removed})

@@ -1,0 +1,94 @@
+"""Mixed precision: DeepSpeed's loss-scaling rule, skipped overflow steps, autocast compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsc
+from dsc.runtime.precision import DynamicLossScaler
+from dsc.schemas import load_plan
+
+from models import dataset, hf_llama, hf_batch
+
+
+def deepspeed_rule(overflows, scale, window, min_scale, hysteresis):
+    """DeepSpeed's DynamicLossScaler.update_scale, transcribed (consecutive_hysteresis off)."""
+    cur_iter, last_overflow, cur_h, out = 0, -1, hysteresis, []
+    for overflow in overflows:
+        if overflow:
+            if hysteresis == 1 or cur_h == 1:
+                scale = max(scale / 2, min_scale)
+            else:
+                cur_h -= 1
+            last_overflow = cur_iter
+        else:
+            stable = cur_iter - last_overflow - 1
+            if stable > 0 and stable % window == 0:
+                cur_h = hysteresis
+                scale *= 2
+        cur_iter += 1
+        out.append(scale)
+    return out
+
+
+@pytest.mark.parametrize("hysteresis", [1, 2, 3])
+def test_dynamic_scaler_follows_deepspeed(hysteresis):
+    pattern = [True, False, False, True, True, False, False, False, False, False, True] + [False] * 9
+    scaler = DynamicLossScaler(2.0 ** 10, scale_window=3, min_scale=1.0, hysteresis=hysteresis)
+    got = []
+    for overflow in pattern:
+        scaler.update(overflow)
+        got.append(scaler.cur_scale)
+    assert got == deepspeed_rule(pattern, 2.0 ** 10, 3, 1.0, hysteresis)
+
+
+def test_scaler_at_min_scale_raises_with_a_way_out():
+    scaler = DynamicLossScaler(1.0, scale_window=10, min_scale=1.0, hysteresis=1)
+    with pytest.raises(FloatingPointError, match="min_loss_scale"):
+        scaler.update(True)
+
+
+def _compiled(precision: dict):
+    a, kw = hf_batch(dataset(1, 2))
+    plan = {"precision": precision, "optimizer": {"type": "adamw", "lr": 1e-3}}
+    return dsc.compile(hf_llama(), plan, example_inputs=(a, kw)), a, kw
+
+
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
+    # 2**40 times the loss overflows fp16 activations' gradients: the first steps must be skipped
+    compiled, a, kw = _compiled({"dtype": "fp16", "initial_scale_power": 40, "hysteresis": 2})
+    before = compiled.full_state_dict()
+    compiled.backward(compiled(*a, **kw).loss)
+    assert compiled.step() is False and compiled.engine.skipped_steps == 1
+    assert compiled.engine.scaler.cur_scale == 2.0 ** 40  # hysteresis absorbed the first overflow
+    assert all(torch.equal(v, before[k]) for k, v in compiled.full_state_dict().items())
+    steps = 0
+    while compiled.engine.scaler.cur_scale > 2.0 ** 20 and steps < 40:
+        compiled.backward(compiled(*a, **kw).loss)
+        compiled.step()
+        steps += 1
+    assert compiled.engine.skipped_steps >= 2 and compiled.engine.scaler.cur_scale < 2.0 ** 40
+    for _ in range(3):  # at a sane scale, steps happen
+        compiled.backward(compiled(*a, **kw).loss)
+        took = compiled.step()
+    assert took and compiled.global_steps >= 1
+
+
+def test_bf16_runs_matmuls_in_bf16_and_keeps_fp32_weights():
+    compiled, a, kw = _compiled({"dtype": "bf16"})
+    assert "relax_dtype_asserts" in [p["name"] for p in compiled.report()["passes"]]
+    out = compiled(*a, **kw)
+    logits = out.logits.detach()  # Llama returns logits.float(): the values must be bf16 numbers
+    assert torch.equal(logits, logits.bfloat16().float()) and out.loss.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in compiled.parameters())
+
+
+def test_deepspeed_fp16_section_translates_with_its_semantics():
+    cfg = {"train_batch_size": 8, "fp16": {"enabled": True, "loss_scale": 0, "loss_scale_window": 500,
+                                           "hysteresis": 3, "min_loss_scale": 2, "initial_scale_power": 12}}
+    p = load_plan(cfg).precision
+    assert (p.dtype, p.loss_scale, p.loss_scale_window, p.hysteresis, p.min_loss_scale, p.initial_scale_power) == \
+        ("fp16", 0.0, 500, 3, 2.0, 12)
+    assert load_plan({"train_batch_size": 8, "bf16": {"enabled": True}}).precision.dtype == "bf16"
+    assert load_plan({"train_batch_size": 8, "bfloat16": {"enabled": True}}).precision.dtype == "bf16"
