@@ -95,10 +95,12 @@ class ZeroLayout:
         }
 
     def gathered_bound_bytes(self) -> int:
-        """ZeRO-3: most bytes of whole buckets alive at once: every persistent bucket, plus the two
-        largest others (the bucket in use and the one before it; backward caches two)."""
+        """ZeRO-3: most bytes of whole buckets alive at once: every persistent bucket, plus the three
+        largest others. Forward keeps the current and the previous bucket; backward caches the two
+        last re-gathered buckets, and an autograd node still running may hold a third it unpacked
+        before the cache evicted it."""
         persistent = sum(b.padded for b in self.buckets if b.persistent)
-        others = sorted((b.padded for b in self.buckets if not b.persistent), reverse=True)[:2]
+        others = sorted((b.padded for b in self.buckets if not b.persistent), reverse=True)[:3]
         return self.element_size * (persistent + sum(others))
 
     def collectives(self, accumulation_steps: int) -> list[dict]:

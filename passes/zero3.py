@@ -97,7 +97,15 @@ def shard_parameters(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResul
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
     _topo_fix(graph)
+    declined = []
+    if ctx.plan.zero.overlap_comm:
+        declined.append({"what": "zero.overlap_comm", "reason": "ZeRO-3 gathers and reduce-scatters are "
+                         "synchronous in this version (no prefetch yet)"})
+    if not ctx.plan.zero.reduce_scatter:
+        declined.append({"what": "zero.reduce_scatter=false", "reason": "ZeRO-3 gradients are always "
+                         "reduce-scattered (the gather's gradient)"})
     return PassResult(
+        declined=declined,
         summary=(f"ZeRO-3: {sum(len(b.slots) for b in layout.buckets)} parameters sharded in "
                  f"{len(layout.buckets)} bucket(s) ({sum(b.persistent for b in layout.buckets)} persistent); "
                  f"{gathers} gather(s) in forward; this rank holds {layout.shard_numel:,} of "

@@ -94,3 +94,20 @@ def test_loading_into_a_different_model_names_the_mismatch(tmp_path):
         compiled.load_checkpoint(tmp_path)
     with pytest.raises(FileNotFoundError, match="no 'latest'"):
         compiled.load_checkpoint(tmp_path / "nothing")
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    ck, good = tmp_path / "ck", tmp_path / "good.pt"
+    proc = subprocess.run([*dsc_cmd(), "run", "--nproc", "2", str(TESTS / "kill_save_worker.py"), str(ck), str(good)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=180)
+    assert proc.returncode != 0, "the worker was supposed to be killed"
+    assert (ck / "latest").read_text().strip() == "good"
+    assert not (ck / "bad").exists()
+    (x, y), _ = gpt_batch(dataset(1, 2))
+    fresh = dsc.compile(gpt(), {"zero": {"stage": 2}, "optimizer": {"type": "adamw", "lr": 1e-2}},
+                        example_inputs=(x, y))
+    fresh.load_checkpoint(ck)
+    expected = torch.load(good)
+    for k, v in expected.items():
+        assert torch.equal(fresh.full_state_dict()[k], v), k
