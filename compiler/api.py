@@ -22,7 +22,7 @@ import torch.nn as nn
 from dsc.runtime.lr_schedules import build_scheduler
 from dsc.runtime.mesh import data_parallel_group, init_distributed
 from dsc.runtime.optim import build_optimizer
-from dsc.runtime.precision import autocast, build_loss_scaler
+from dsc.runtime.precision import DTYPES, autocast, build_loss_scaler
 from dsc.runtime.checkpoint import load_checkpoint, save_checkpoint
 from dsc.runtime.collectives import bind_mesh_dim
 from dsc.runtime.zero import ZeroEngine
@@ -133,6 +133,8 @@ class CompiledModel(nn.Module):
                 plan.gradient_clipping)
         self._engine = Zero3Engine(gm, params, *args) if layout.stage == 3 else ZeroEngine(params, *args)
         self._engine.scaler = build_loss_scaler(plan.precision)
+        if isinstance(self._engine, Zero3Engine) and plan.precision.dtype != "fp32":
+            self._engine.gather_dtype = DTYPES[plan.precision.dtype]
 
     @property
     def compiled(self) -> bool:

@@ -56,6 +56,7 @@ def shard_parameters(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResul
     uses.sort(key=lambda u: u[0])
 
     dtype = next(iter(gm.parameters())).dtype
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ctx.plan.precision.dtype)
     for b in layout.buckets:  # placeholders (no memory) until the runtime registers the real shards
         gm.register_parameter(shard_attr(b.index), torch.nn.Parameter(torch.empty(b.chunk, dtype=dtype,
                                                                                   device="meta")))
@@ -69,14 +70,18 @@ def shard_parameters(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResul
             with graph.inserting_before(user):
                 shard = graph.get_attr(shard_attr(b.index))
                 shard.meta["val"] = torch.empty(b.chunk, dtype=dtype, device="meta")
-                full = graph.call_function(torch.ops.dsc.all_gather.default, (shard, GROUP, layout.dp))
-                full.meta["val"] = torch.empty(b.padded, dtype=dtype, device="meta")
+                src = shard
+                if low is not None:  # mixed precision: gather (and reduce-scatter) in the low dtype
+                    src = graph.call_function(aten._to_copy.default, (shard,), {"dtype": low})
+                    src.meta["val"] = torch.empty(b.chunk, dtype=low, device="meta")
+                full = graph.call_function(torch.ops.dsc.all_gather.default, (src, GROUP, layout.dp, b.index))
+                full.meta["val"] = torch.empty(b.padded, dtype=low or dtype, device="meta")
                 full.meta["dsc.gather"] = b.index
                 # one split per gather: its backward is a single concatenation into the bucket's
                 # gradient (a slice per parameter would zero-fill a whole bucket per parameter)
                 sizes = [x.numel for x in b.slots] + ([b.padded - b.numel] if b.padded > b.numel else [])
                 split = graph.call_function(aten.split_with_sizes.default, (full, sizes))
-                split.meta["val"] = [torch.empty(n, dtype=dtype, device="meta") for n in sizes]
+                split.meta["val"] = [torch.empty(n, dtype=low or dtype, device="meta") for n in sizes]
             live = current[b.index] = (split, {})
             gathers += 1
         split, views = live
@@ -86,8 +91,8 @@ def shard_parameters(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResul
                 piece = graph.call_function(operator.getitem, (split, index))
             with graph.inserting_after(piece):
                 view = graph.call_function(aten.view.default, (piece, list(s.shape)))
-            piece.meta["val"] = torch.empty(s.numel, dtype=dtype, device="meta")
-            view.meta["val"] = torch.empty(s.shape, dtype=dtype, device="meta")
+            piece.meta["val"] = torch.empty(s.numel, dtype=low or dtype, device="meta")
+            view.meta["val"] = torch.empty(s.shape, dtype=low or dtype, device="meta")
             views[s.name] = view
         user.replace_input_with(old, views[s.name])
         if not b.persistent and (not recent or recent[-1] != b.index):
@@ -134,5 +139,5 @@ def check_sharded(gm: torch.fx.GraphModule, ctx: CompileContext) -> None:
             raise InvariantError(f"node {node.name} still reads whole parameter {node.target}")
         if node.op == "call_function" and node.target is torch.ops.dsc.all_gather.default:
             b = layout.buckets[node.meta["dsc.gather"]]
-            if node.args[0].meta["val"].numel() != b.chunk:
+            if node.args[0].meta["val"].numel() != b.chunk or node.args[3] != b.index:
                 raise InvariantError(f"gather {node.name} reads a shard of the wrong size")

@@ -76,7 +76,7 @@ _gather_listeners: list = []
 
 
 def add_gather_listener(fn) -> None:
-    """Call `fn(input, output)` after every dsc::all_gather in this process."""
+    """Call `fn(tag, output)` after every dsc::all_gather in this process."""
     _gather_listeners.append(fn)
 
 
@@ -86,8 +86,9 @@ def remove_gather_listener(fn) -> None:
 
 
 @torch.library.custom_op("dsc::all_gather", mutates_args=())
-def all_gather(x: torch.Tensor, group: str, world: int) -> torch.Tensor:
-    """Concatenate the flat `x` of every rank, in rank order."""
+def all_gather(x: torch.Tensor, group: str, world: int, tag: int = -1) -> torch.Tensor:
+    """Concatenate the flat `x` of every rank, in rank order. `tag` labels the gather for
+    listeners (ZeRO-3 passes the bucket index)."""
     flat = x.reshape(-1)
     if world == 1:
         out = flat.clone()
@@ -95,21 +96,21 @@ def all_gather(x: torch.Tensor, group: str, world: int) -> torch.Tensor:
         out = flat.new_empty(flat.numel() * world)
         _all_gather(out, flat.contiguous(), group=_group(group))
     for fn in _gather_listeners:
-        fn(x, out)
+        fn(tag, out)
     return out
 
 
 @all_gather.register_fake
-def _(x, group, world):
+def _(x, group, world, tag=-1):
     return x.new_empty(x.numel() * world)
 
 
 def _all_gather_backward(ctx, grad):
-    return reduce_scatter(grad, ctx.group, ctx.world), None, None
+    return reduce_scatter(grad, ctx.group, ctx.world), None, None, None
 
 
 def _all_gather_setup(ctx, inputs, output):
-    _, ctx.group, ctx.world = inputs
+    _, ctx.group, ctx.world, _tag = inputs
 
 
 def _reduce_scatter_backward(ctx, grad):

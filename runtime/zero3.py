@@ -54,7 +54,7 @@ class Zero3Engine(ZeroEngine):
             p = params[s.name]
             p.data = torch.empty(0, dtype=dtype, device=device)
             p.requires_grad_(False)
-        self._bucket_of = {sp.data_ptr(): b.index for sp, b in zip(self.shard_params, layout.buckets)}
+        self.gather_dtype = dtype  # the runtime sets bf16/fp16 for mixed precision (the graph casts too)
         self._gathered: dict[int, tuple[StorageWeakRef, int, int]] = {}  # storage ptr -> (ref, bucket, bytes)
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self.gathered_peak_bytes = 0
@@ -65,9 +65,8 @@ class Zero3Engine(ZeroEngine):
         self.scheduler = build_scheduler(self.optimizer) if (build_scheduler and self.optimizer) else None
 
     # -- gathered buckets -------------------------------------------------------------------------
-    def _on_gather(self, shard: torch.Tensor, full: torch.Tensor) -> None:
-        b = self._bucket_of.get(shard.data_ptr())
-        if b is None:
+    def _on_gather(self, b: int, full: torch.Tensor) -> None:
+        if not 0 <= b < len(self.shard_params):
             return
         storage = full.untyped_storage()
         self._gathered[storage.data_ptr()] = (StorageWeakRef(storage), b, storage.nbytes())
@@ -96,7 +95,8 @@ class Zero3Engine(ZeroEngine):
             while len(self._cache) >= 2:  # release before gathering: at most two whole buckets
                 self._cache.popitem(last=False)
             with torch.no_grad():
-                full = torch.ops.dsc.all_gather(self.shard_params[b].detach(), GROUP, self.world)
+                shard = self.shard_params[b].detach().to(self.gather_dtype)
+                full = torch.ops.dsc.all_gather(shard, GROUP, self.world, b)
             self._cache[b] = full
         return full.as_strided(size, stride, offset)
 

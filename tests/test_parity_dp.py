@@ -135,7 +135,9 @@ def test_communication_options_match_eager(tmp_path, option):
 
 # bf16/fp16 compute: activations are rounded to 8 (bf16) or 11 (fp16) mantissa bits, and dsc's
 # micro-batches round differently from eager's one global batch, so the bound is the low dtype's
-# resolution, not fp32's.
+# resolution, not fp32's. ZeRO-3 also gathers the weights and reduce-scatters the gradients in
+# the low dtype (every op then sees weights rounded to it, as in DeepSpeed's bf16 mode), which
+# eager autocast does not do for fp32-kept ops (norms): twice the bound there.
 LOW_TOL = {"bf16": 1e-2, "fp16": 2e-3}
 
 
@@ -144,8 +146,8 @@ LOW_TOL = {"bf16": 1e-2, "fp16": 2e-3}
 def test_mixed_precision_matches_eager_autocast(tmp_path, precision, world):
     ref_losses, ref_state, _, _ = eager_reference("hf_llama", world, precision)
     results = run_dsc(tmp_path, "hf_llama", world, extra=("--precision", precision))
-    tol = LOW_TOL[precision]
     for stage, res in results.items():
+        tol = LOW_TOL[precision] * (2 if stage == 3 else 1)
         assert res["skipped"] == 0 and res["scale"] == (2.0 ** 16 if precision == "fp16" else 1.0)
         torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=tol, atol=0)
         for k, v in ref_state.items():

@@ -42,7 +42,7 @@ def test_graph_reads_only_shards_and_gathers_each_bucket_before_use():
     for node in _gathers(gm):
         b = layout.buckets[node.meta["dsc.gather"]]
         assert node.args[0].meta["val"].shape == (b.chunk,) and node.meta["val"].shape == (b.padded,)
-        assert node.args[1:] == ("dp", 4)
+        assert node.args[1:] == ("dp", 4, b.index)
 
 
 def test_tied_weight_is_gathered_again_for_its_late_use():
@@ -76,7 +76,7 @@ def test_report_bytes_are_16_psi_over_n():
 def test_rank_graph_code_shows_gathers_and_reduce_scatters():
     prog, _ = _program(2, rank=1)
     code = graph_code(prog)
-    assert "torch.ops.dsc.all_gather.default(_dsc_shard_0, 'dp', 2)" in code
+    assert "torch.ops.dsc.all_gather.default(_dsc_shard_0, 'dp', 2, 0)" in code
     assert "dsc::reduce_scatter" in code and "re-gather" in code
 
 
