@@ -237,7 +237,6 @@ class CompiledModel(nn.Module):
     def _state_names(self) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
         """(state_dict key -> canonical trainable parameter name, the other state: buffers, frozen)."""
         user = self._model.model if isinstance(self._model, _WithLoss) else self._model
-        prefix = "model." if isinstance(self._model, _WithLoss) else ""
         sharded = {s.name for b in self.engine.layout.buckets for s in b.slots}
         canon = {id(p): n for n, p in self._model.named_parameters(remove_duplicate=True) if n in sharded}
         aliases, other = {}, {}
@@ -246,7 +245,6 @@ class CompiledModel(nn.Module):
                 aliases[key] = canon[id(v)]
             else:
                 other[key] = v
-        assert all(n.startswith(prefix) for n in aliases.values())
         return aliases, other
 
     def save_checkpoint(self, directory, tag: str | None = None):

@@ -4,7 +4,11 @@
 
 Each rank reads its own slice of every global batch (micro_batch_size x accumulation steps
 rows per rank); the loss printed is the mean over all ranks. Works with a DeepSpeed
-ds_config.json too (--config examples/ds_config.json).
+ds_config.json too (--config examples/ds_config.json), ZeRO-3 + bf16
+(--config examples/plan_zero3_bf16.json), and sharded checkpoints:
+
+    dsc run --nproc 2 examples/train.py --steps 10 --checkpoint ckpt
+    dsc run --nproc 4 examples/train.py --steps 10 --resume ckpt   # resumes at step 10 on 4 ranks
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="optimizer steps")
     ap.add_argument("--seq", type=int, default=32, help="sequence length")
     ap.add_argument("--save", help="write the trained full state_dict here (rank 0)")
+    ap.add_argument("--checkpoint", help="save a sharded checkpoint here at the end (every rank)")
+    ap.add_argument("--resume", help="load this sharded checkpoint before training (any world size)")
     args = ap.parse_args()
 
     model = build_model()
@@ -46,11 +52,17 @@ def main() -> None:
     x, y = global_batch()
     compiled = dsc.compile(model, args.config, example_inputs=(x[:micro], y[:micro]))
     rank, world = compiled.rank, compiled.world_size
+    first = 0
+    if args.resume:
+        compiled.load_checkpoint(args.resume)
+        first = compiled.global_steps
+        for _ in range(first):  # skip the batches already trained on
+            global_batch()
     if rank == 0:
         print(compiled.explain(), flush=True)
         print(f"\ntraining {args.steps} steps on {world} rank(s): micro {micro} x accumulation {gas} x dp {world}",
               flush=True)
-    for step in range(args.steps):
+    for step in range(first, first + args.steps):
         t0 = time.perf_counter()
         x, y = global_batch()
         mine = slice(rank * micro * gas, (rank + 1) * micro * gas)
@@ -65,8 +77,13 @@ def main() -> None:
         if rank == 0:
             print(f"step {step + 1:>3}  loss {float(total) / world:.4f}  lr {compiled.get_lr()[0]:.2e}  "
                   f"grad-norm {compiled.engine.last_grad_norm:.3f}  {time.perf_counter() - t0:.2f} s", flush=True)
+    if args.checkpoint:
+        compiled.save_checkpoint(args.checkpoint)
+        if rank == 0:
+            print(f"checkpoint saved in {args.checkpoint} (step {compiled.global_steps})", flush=True)
+    state = compiled.full_state_dict()  # every rank joins (ZeRO-3 gathers the shards)
     if args.save and rank == 0:
-        torch.save(compiled.full_state_dict(), args.save)
+        torch.save(state, args.save)
     dsc.runtime.mesh.shutdown()
 
 

@@ -27,3 +27,15 @@ def test_train_example_on_two_ranks_learns_and_saves_a_loadable_state_dict(tmp_p
     model = build_model(seed=5)
     model.load_state_dict(torch.load(saved))  # strict: every key present, shapes right
     assert "per-rank memory and communication" in out.stdout
+
+
+@pytest.mark.slow
+def test_zero3_bf16_example_checkpoints_on_2_ranks_and_resumes_on_4(tmp_path):
+    plan, ck = str(ROOT / "examples" / "plan_zero3_bf16.json"), str(tmp_path / "ck")
+    first = dsc_run(2, ROOT / "examples" / "train.py", "--config", plan, "--steps", "6", "--checkpoint", ck)
+    assert "checkpoint saved" in first.stdout
+    second = dsc_run(4, ROOT / "examples" / "train.py", "--config", plan, "--steps", "3", "--resume", ck)
+    steps = [int(s) for s in re.findall(r"^step +(\d+) ", second.stdout, re.M)]
+    assert steps == [7, 8, 9], second.stdout[-2000:]
+    losses = [float(m) for m in re.findall(r"^step +\d+ +loss ([\d.]+)", first.stdout + second.stdout, re.M)]
+    assert losses[-1] < losses[0], losses
