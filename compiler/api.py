@@ -13,6 +13,7 @@ Public contract (later features keep it):
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -30,7 +31,10 @@ from dsc.runtime.zero3 import Zero3Engine
 from dsc.schemas import load_plan
 
 from . import __version__
+from dsc.passes.precision import relax_dtype_asserts
+
 from .capture import call_args, capture
+from .pass_manager import CompileContext
 from .pipeline import RankProgram, compile_rank
 from .report import build_report, explain
 
@@ -148,12 +152,12 @@ class CompiledModel(nn.Module):
             if self._plan.zero.stage == 3:
                 raise NotImplementedError("eval mode under ZeRO-3 needs an eval graph with gathers; not "
                                           "built yet: call the model in train mode under torch.no_grad()")
-            return self._eval_graph(args, kwargs)(*args, **kwargs)
-        if self._engine is None:
-            with autocast(self._plan.precision, self._device_type()):
-                return self._program.gm(*args, **kwargs)
-        with self._engine.forward_context(), autocast(self._plan.precision, self._device_type()):
-            return self._program.gm(*args, **kwargs)
+            graph, hooks = self._eval_graph(args, kwargs), contextlib.nullcontext()
+        else:
+            graph = self._program.gm
+            hooks = self._engine.forward_context() if self._engine is not None else contextlib.nullcontext()
+        with hooks, autocast(self._plan.precision, self._device_type()):
+            return graph(*args, **kwargs)
 
     def _device_type(self) -> str:
         p = next(iter(self._program.gm.parameters()), None)
@@ -165,9 +169,13 @@ class CompiledModel(nn.Module):
             was = self._model.training
             self._model.eval()
             try:
-                self._eval_gm = capture(self._model, args, kwargs).gm
+                gm = capture(self._model, args, kwargs).gm
             finally:
                 self._model.train(was)
+            if self._plan.precision.dtype != "fp32":
+                relax_dtype_asserts(gm, CompileContext(self._plan, self.rank, self.world_size, {}))
+                gm.recompile()
+            self._eval_gm = gm
         return self._eval_gm
 
     def train(self, mode: bool = True):

@@ -92,3 +92,11 @@ def test_deepspeed_fp16_section_translates_with_its_semantics():
         ("fp16", 0.0, 500, 3, 2.0, 12)
     assert load_plan({"train_batch_size": 8, "bf16": {"enabled": True}}).precision.dtype == "bf16"
     assert load_plan({"train_batch_size": 8, "bfloat16": {"enabled": True}}).precision.dtype == "bf16"
+
+
+def test_bf16_eval_mode_runs_under_autocast():
+    compiled, a, kw = _compiled({"dtype": "bf16"})
+    compiled.eval()
+    with torch.no_grad():
+        logits = compiled(*a, **kw).logits
+    assert torch.equal(logits, logits.bfloat16().float())
