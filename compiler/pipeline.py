@@ -35,7 +35,8 @@ def estimate_costs(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
     mem["total_bytes"] = sum(mem.values())
     if layout.stage == 3:
         mem["gathered_bound_bytes"] = layout.gathered_bound_bytes()
-    collectives = layout.collectives(ctx.plan.batch.gradient_accumulation_steps)
+    low = ctx.plan.precision.dtype != "fp32" and layout.stage == 3  # shards are cast before the gather
+    collectives = layout.collectives(ctx.plan.batch.gradient_accumulation_steps, 2 if low else None)
     comm = sum(c["sent_bytes"] * c["times"] for c in collectives)
     ctx.artifacts["estimate"] = {"memory": mem, "comm_bytes_per_step": comm, "collectives": collectives}
     return PassResult(

@@ -103,9 +103,11 @@ class ZeroLayout:
         others = sorted((b.padded for b in self.buckets if not b.persistent), reverse=True)[:3]
         return self.element_size * (persistent + sum(others))
 
-    def collectives(self, accumulation_steps: int) -> list[dict]:
-        """Every collective one optimizer step issues on this rank, with bytes sent (ring)."""
-        e, n = self.element_size, self.dp
+    def collectives(self, accumulation_steps: int, comm_element_size: int | None = None) -> list[dict]:
+        """Every collective one optimizer step issues on this rank, with bytes sent (ring).
+        `comm_element_size`: bytes per element on the wire when it differs from storage (ZeRO-3
+        gathers and reduce-scatters in bf16/fp16 under mixed precision)."""
+        e, n = comm_element_size or self.element_size, self.dp
         out = []
         if n == 1:
             return out

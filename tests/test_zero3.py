@@ -128,3 +128,11 @@ def test_cli_compile_zero3_for_four_ranks(tmp_path):
     assert "shard_parameters" in [p["name"] for p in report["passes"]]
     mems = [r["memory"] for r in report["ranks"]]
     assert len({m["params_bytes"] for m in mems}) == 1 and mems[0]["params_bytes"] * 4 >= 4 * 120640
+
+
+def test_bf16_zero3_gathers_in_bf16_and_reports_half_the_traffic():
+    fp32, _ = _program(2)
+    bf16, _ = _program(2, plan={**PLAN3, "precision": {"dtype": "bf16"}})
+    assert all(n.meta["val"].dtype == torch.bfloat16 for n in _gathers(bf16.gm))
+    sent = [p.artifacts["estimate"]["comm_bytes_per_step"] for p in (fp32, bf16)]
+    assert sent[1] * 2 == sent[0]
