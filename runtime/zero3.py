@@ -81,7 +81,10 @@ class Zero3Engine(ZeroEngine):
     def _pack(self, t: torch.Tensor):
         if t.device.type == "meta" or not t.is_floating_point():
             return t
-        entry = self._gathered.get(t.untyped_storage().data_ptr())
+        try:
+            entry = self._gathered.get(t.untyped_storage().data_ptr())
+        except RuntimeError:  # a tensor subclass without real storage cannot be a gathered buffer
+            return t
         if entry is None or entry[0].expired() or self.layout.buckets[entry[1]].persistent:
             return t
         return ("dsc-regather", entry[1], t.size(), t.stride(), t.storage_offset())
