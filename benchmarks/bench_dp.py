@@ -258,42 +258,57 @@ def table(results) -> str:
     return "\n".join(lines)
 
 
-def parent(args, argv) -> int:
+def run_contenders(args, argv, contenders, launch_fn, ds_fallback: str | None = None):
+    """Launch each contender in turn; returns (results, names asked for, nproc). Shared with bench_zero."""
     nproc = int(os.environ.get("WORLD_SIZE", args.nproc))
-    names = [n for n in (args.only.split(",") if args.only else CONTENDERS) if n]
+    names = [n for n in (args.only.split(",") if args.only else contenders) if n]
     ds_python = args.ds_python or sys.executable
     if any(n.startswith("ds-") for n in names) and not has_deepspeed(ds_python):
-        print(f"deepspeed does not import in {ds_python}: skipping ds-* (see --ds-python)", file=sys.stderr)
-        names = [n for n in names if not n.startswith("ds-")]
+        if not args.ds_python and ds_fallback and os.path.exists(ds_fallback) and has_deepspeed(ds_fallback):
+            ds_python = ds_fallback
+        else:
+            print(f"deepspeed does not import in {ds_python}: skipping ds-* (see --ds-python)", file=sys.stderr)
+            names = [n for n in names if not n.startswith("ds-")]
     results = []
     for name in names:
         t = time.time()
-        r = launch(name, ds_python if name.startswith("ds-") else sys.executable, nproc, argv)
+        r = launch_fn(name, ds_python if name.startswith("ds-") else sys.executable, nproc, argv)
         print(f"[{name}] done in {time.time() - t:.0f}s", file=sys.stderr, flush=True)
         if r:
             results.append(r)
+    return results, names, nproc
+
+
+def print_results(args, results, header: str, table_fn) -> None:
     if args.json:
         for r in results:
             print(json.dumps(r))
     else:
-        r0 = results[0] if results else {}
-        print(f"GPT {r0.get('num_params', 0) / 1e6:.2f}M params, {nproc} ranks x micro-batch {args.micro} x seq "
-              f"{args.seq}, fp32 AdamW, {args.warmup} warm-up + {args.steps} timed steps; MiB are per rank (rank 0)")
-        print(table(results))
+        print(header)
+        print(table_fn(results))
+
+
+def parent(args, argv) -> int:
+    results, names, nproc = run_contenders(args, argv, CONTENDERS, launch)
+    r0 = results[0] if results else {}
+    print_results(args, results, f"GPT {r0.get('num_params', 0) / 1e6:.2f}M params, {nproc} ranks x micro-batch "
+                  f"{args.micro} x seq {args.seq}, fp32 AdamW, {args.warmup} warm-up + {args.steps} timed steps; "
+                  "MiB are per rank (rank 0)", table)
     return 0 if len(results) == len(names) else 1
 
 
-def main() -> int:
+def main(parse=None, work=None, drive=None) -> int:
+    """Entry point of bench_dp and bench_zero: worker under --contender, else rank 0 drives."""
     argv = sys.argv[1:]
-    args = parse_args(argv)
+    args = (parse or parse_args)(argv)
     if args.warmup < 2:
         sys.exit("--warmup must be >= 2 (memory is read in the last warm-up step, after an optimizer step)")
     if args.contender:
-        worker(args)
+        (work or worker)(args)
         return 0
     if os.environ.get("RANK", "0") != "0":
         return 0  # under `dsc run`: rank 0 drives the benchmark, the other ranks have nothing to do
-    return parent(args, argv)
+    return (drive or parent)(args, argv)
 
 
 if __name__ == "__main__":

@@ -258,47 +258,18 @@ def table(results) -> str:
 
 
 def parent(args, argv) -> int:
-    nproc = int(os.environ.get("WORLD_SIZE", args.nproc))
-    names = [n for n in (args.only.split(",") if args.only else CONTENDERS) if n]
-    ds_python = args.ds_python or sys.executable
-    if any(n.startswith("ds-") for n in names) and not has_deepspeed(ds_python):
-        fallback = "/tmp/dsvenv/bin/python"
-        if not args.ds_python and os.path.exists(fallback) and has_deepspeed(fallback):
-            ds_python = fallback
-        else:
-            print(f"deepspeed does not import in {ds_python}: skipping ds-z3 (see --ds-python)", file=sys.stderr)
-            names = [n for n in names if not n.startswith("ds-")]
-    results = []
-    for name in names:
-        t = time.time()
-        r = launch(name, ds_python if name.startswith("ds-") else sys.executable, nproc, argv)
-        print(f"[{name}] done in {time.time() - t:.0f}s", file=sys.stderr, flush=True)
-        if r:
-            results.append(r)
-    if args.json:
-        for r in results:
-            print(json.dumps(r))
-    else:
-        r0 = results[0] if results else {}
-        print(f"GPT {r0.get('num_params', 0) / 1e6:.2f}M params (Psi), {nproc} ranks x micro-batch {args.micro} x "
-              f"seq {args.seq}, fp32 AdamW, {args.warmup} warm-up + {args.steps} timed steps, bucket "
-              f"{args.bucket:,} elements, ZeRO-3 persistence threshold {args.persistence:,}; "
-              f"MiB are per rank (rank 0); x Psi/N = model-state bytes * N / Psi")
-        print(table(results))
+    results, names, nproc = bench_dp.run_contenders(args, argv, CONTENDERS, launch, ds_fallback="/tmp/dsvenv/bin/python")
+    r0 = results[0] if results else {}
+    bench_dp.print_results(args, results, f"GPT {r0.get('num_params', 0) / 1e6:.2f}M params (Psi), {nproc} ranks x "
+                           f"micro-batch {args.micro} x seq {args.seq}, fp32 AdamW, {args.warmup} warm-up + "
+                           f"{args.steps} timed steps, bucket {args.bucket:,} elements, ZeRO-3 persistence threshold "
+                           f"{args.persistence:,}; MiB are per rank (rank 0); x Psi/N = model-state bytes * N / Psi",
+                           table)
     return 0 if len(results) == len(names) else 1
 
 
 def main() -> int:
-    argv = sys.argv[1:]
-    args = parse_args(argv)
-    if args.warmup < 2:
-        sys.exit("--warmup must be >= 2 (memory is read in the last warm-up step, after an optimizer step)")
-    if args.contender:
-        worker(args)
-        return 0
-    if os.environ.get("RANK", "0") != "0":
-        return 0  # under `dsc run`: rank 0 drives the benchmark, the other ranks have nothing to do
-    return parent(args, argv)
+    return bench_dp.main(parse_args, worker, parent)
 
 
 if __name__ == "__main__":
