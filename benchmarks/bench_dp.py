@@ -222,7 +222,8 @@ def has_deepspeed(python: str) -> bool:
     return r.returncode == 0
 
 
-def launch(name, python, nproc, argv) -> dict | None:
+def launch(name, python, nproc, argv, script: str = __file__) -> dict | None:
+    """Run one contender as its own torchrun job of `script`; its JSON result line, or None."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -231,7 +232,7 @@ def launch(name, python, nproc, argv) -> dict | None:
                    "ROLE_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCH_NCCL_ASYNC_ERROR_HANDLING"))}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DS_ACCELERATOR=env.get("DS_ACCELERATOR", "cpu"))
     cmd = [python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-           f"--master-port={port}", os.path.abspath(__file__), *argv, "--contender", name]
+           f"--master-port={port}", os.path.abspath(script), *argv, "--contender", name]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in r.stdout.splitlines():
         if line.startswith(MARK):
@@ -252,7 +253,12 @@ def table(results) -> str:
                                                       "model_state_bytes", "live_tensor_bytes",
                                                       "peak_rss_bytes")),
                      f"{r['final_loss']:.4f}"])
-    w = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return format_table(rows)
+
+
+def format_table(rows: list[list[str]]) -> str:
+    """Rows of cells (the first is the header) as an aligned text table."""
+    w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(row)) for row in rows]
     lines.insert(1, "-+-".join("-" * x for x in w))
     return "\n".join(lines)

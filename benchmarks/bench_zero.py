@@ -38,9 +38,7 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
-import subprocess
 import sys
 import time
 
@@ -48,7 +46,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import bench_dp  # noqa: E402  (also puts examples/ on sys.path)
-from bench_dp import MARK, MiB, batches, has_deepspeed, live_tensor_bytes, nbytes, opt_state  # noqa: E402
+from bench_dp import MARK, MiB, batches, live_tensor_bytes, nbytes, opt_state  # noqa: E402
 
 CONTENDERS = ["ddp", "fsdp2", "dsc-z1", "dsc-z2", "dsc-z3", "ds-z3"]
 
@@ -219,22 +217,7 @@ def worker(args) -> None:
 
 # -- parent: one torchrun job per contender, then the table -----------------------------------------
 def launch(name, python, nproc, argv) -> dict | None:
-    """bench_dp.launch, but running this file."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items()
-           if not (k.startswith("TORCHELASTIC") or k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK",
-                   "ROLE_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCH_NCCL_ASYNC_ERROR_HANDLING"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DS_ACCELERATOR=env.get("DS_ACCELERATOR", "cpu"))
-    cmd = [python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-           f"--master-port={port}", os.path.abspath(__file__), *argv, "--contender", name]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    for line in r.stdout.splitlines():
-        if line.startswith(MARK):
-            return json.loads(line[len(MARK):])
-    print(f"[{name}] failed (exit {r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}", file=sys.stderr)
-    return None
+    return bench_dp.launch(name, python, nproc, argv, script=__file__)
 
 
 def table(results) -> str:
@@ -251,10 +234,7 @@ def table(results) -> str:
                      f"{r['psi_over_n']:.1f}",
                      f"{r['gathered_peak_bytes'] / MiB:.1f}" if r.get("gathered_peak_bytes") is not None else "-",
                      f"{r['peak_rss_bytes'] / MiB:.0f}", f"{r['final_loss']:.4f}"])
-    w = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = [" | ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(row)) for row in rows]
-    lines.insert(1, "-+-".join("-" * x for x in w))
-    return "\n".join(lines)
+    return bench_dp.format_table(rows)
 
 
 def parent(args, argv) -> int:
