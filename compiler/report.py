@@ -48,6 +48,8 @@ def explain(report: dict[str, Any]) -> str:
         value: Any = report["plan"]
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
+        if value is None and origin == "default":
+            continue  # an unused optional section (e.g. scheduler, or one reserved for later)
         out.append(f"  {key:<36} {value!s:<14} <- {origin}")
     out.append("")
     out.append("passes:")
