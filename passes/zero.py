@@ -138,8 +138,9 @@ class ZeroLayout:
         return out
 
 
-def _param_uses(gm: torch.fx.GraphModule) -> tuple[list[tuple[str, torch.nn.Parameter]], dict[str, int]]:
-    """Trainable parameters read by the graph, with the index of each one's first use."""
+def _param_uses(gm: torch.fx.GraphModule) -> list[tuple[str, torch.nn.Parameter]]:
+    """Trainable parameters read by the graph, ordered as backward produces their gradients
+    (reverse order of first use in forward)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     canonical = {id(p): n for n, p in gm.named_parameters(remove_duplicate=True)}  # tied: one name
     first_use: dict[int, int] = {}
@@ -162,7 +163,7 @@ def _param_uses(gm: torch.fx.GraphModule) -> tuple[list[tuple[str, torch.nn.Para
         params[key] = p
         first_use[key] = min(first_use.get(key, use), use)
     ordered = sorted(first_use, key=lambda k: -first_use[k])  # backward order
-    return [(names[k], params[k]) for k in ordered], {names[k]: first_use[k] for k in ordered}
+    return [(names[k], params[k]) for k in ordered]
 
 
 def plan_zero_buckets(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
@@ -170,7 +171,7 @@ def plan_zero_buckets(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResu
     zero = ctx.plan.zero
     dp = ctx.plan.parallel.data_parallel_size
     shards = dp if zero.stage >= 1 else 1
-    used, _ = _param_uses(gm)
+    used = _param_uses(gm)
     canonical = {id(p): n for n, p in gm.named_parameters(remove_duplicate=True)}
     used_ids = {id(p) for _, p in used}
     declined = []
@@ -251,7 +252,7 @@ def plan_zero_buckets(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResu
 def check_zero_layout(gm: torch.fx.GraphModule, ctx: CompileContext) -> None:
     """Every used trainable parameter is in exactly one bucket; buckets tile the flat buffer."""
     layout: ZeroLayout = ctx.artifacts["zero_layout"]
-    used, _ = _param_uses(gm)
+    used = _param_uses(gm)
     placed = [s.name for b in layout.buckets for s in b.slots]
     if len(placed) != len(set(placed)):
         raise InvariantError("a parameter is placed in two buckets")
