@@ -47,8 +47,9 @@ MARK = "BENCH_RESULT "
 MiB = 2**20
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser(doc: str = __doc__, contenders=CONTENDERS) -> argparse.ArgumentParser:
+    """The options both benchmarks share (bench_zero adds --persistence)."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     p.add_argument("--nproc", type=int, default=2, help="ranks (when launched with plain python)")
@@ -59,12 +60,19 @@ def parse_args(argv=None):
     p.add_argument("--n-head", type=int, default=5)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--bucket", type=int, default=2_000_000,
-                   help="gradient bucket in elements, the same for all (DDP: bucket_cap_mb = 4*bucket/MiB)")
-    p.add_argument("--only", default="", help="comma-separated subset of " + ",".join(CONTENDERS))
-    p.add_argument("--ds-python", default="", help="python with deepspeed installed (for ds-*)")
+                   help="bucket in elements, the same for all (DDP: bucket_cap_mb = 4*bucket/MiB; dsc: "
+                        "reduce/allgather/prefetch_bucket_size; DeepSpeed: reduce_bucket_size and "
+                        "stage3_prefetch_bucket_size)")
+    p.add_argument("--only", default="", help="comma-separated subset of " + ",".join(contenders))
+    p.add_argument("--ds-python", default="", help="python with deepspeed installed (for ds-*); bench_zero "
+                   "also tries /tmp/dsvenv/bin/python")
     p.add_argument("--json", action="store_true", help="print results as JSON lines")
     p.add_argument("--contender", default="", help=argparse.SUPPRESS)  # internal: worker mode
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 # -- one contender, on one rank ---------------------------------------------------------------------

@@ -34,7 +34,6 @@ Run (either form; the second re-launches each contender under torchrun with --np
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -52,27 +51,9 @@ CONTENDERS = ["ddp", "fsdp2", "dsc-z1", "dsc-z2", "dsc-z3", "ds-z3"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=20, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
-    p.add_argument("--nproc", type=int, default=2, help="ranks (when launched with plain python)")
-    p.add_argument("--micro", type=int, default=4, help="micro-batch size per rank")
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--n-layer", type=int, default=6)
-    p.add_argument("--n-embd", type=int, default=320)
-    p.add_argument("--n-head", type=int, default=5)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--bucket", type=int, default=2_000_000,
-                   help="bucket in elements, the same for all (DDP: bucket_cap_mb = 4*bucket/MiB; dsc: "
-                        "reduce/allgather/prefetch_bucket_size; DeepSpeed: reduce_bucket_size and "
-                        "stage3_prefetch_bucket_size)")
+    p = bench_dp.build_parser(__doc__, CONTENDERS)
     p.add_argument("--persistence", type=int, default=0,
                    help="ZeRO-3 param_persistence_threshold for dsc and DeepSpeed (elements)")
-    p.add_argument("--only", default="", help="comma-separated subset of " + ",".join(CONTENDERS))
-    p.add_argument("--ds-python", default="", help="python with deepspeed installed (for ds-z3); "
-                   "default: this one, else /tmp/dsvenv/bin/python if it exists")
-    p.add_argument("--json", action="store_true", help="print results as JSON lines")
-    p.add_argument("--contender", default="", help=argparse.SUPPRESS)  # internal: worker mode
     return p.parse_args(argv)
 
 
