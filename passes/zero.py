@@ -189,10 +189,12 @@ def plan_zero_buckets(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResu
         declined.append({"what": "zero.contiguous_gradients=false",
                          "reason": "gradient buckets are always contiguous flat buffers in dsc"})
 
-    dtypes = {p.dtype for _, p in used}
-    if len(dtypes) > 1:
-        raise InvariantError(f"zero: trainable parameters have mixed dtypes {sorted(map(str, dtypes))}; "
-                             "fp32 training needs one dtype (mixed precision is not supported yet)")
+    example = {p.dtype: name for name, p in used}  # one parameter of each dtype, to name in the error
+    if len(example) > 1:
+        found = ", ".join(f"{d} (e.g. {n})" for d, n in example.items())
+        raise InvariantError(f"plan_zero_buckets: trainable parameters have several dtypes: {found}. ZeRO "
+                             "buckets hold one dtype; convert the model with model.float() and ask for bf16/fp16 "
+                             "compute with the plan's precision.dtype instead")
     element_size = next(iter(used))[1].element_size() if used else 4
 
     buckets: list[Bucket] = []

@@ -101,7 +101,7 @@ def shard_parameters(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResul
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
-    _topo_fix(graph)
+    _check_topological(graph)
     declined = []
     if ctx.plan.zero.overlap_comm:
         declined.append({"what": "zero.overlap_comm", "reason": "ZeRO-3 gathers and reduce-scatters are "
@@ -120,8 +120,8 @@ def shard_parameters(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResul
     )
 
 
-def _topo_fix(graph: torch.fx.Graph) -> None:
-    """Views were inserted right after their gather; make sure every input precedes its user."""
+def _check_topological(graph: torch.fx.Graph) -> None:
+    """Views were inserted right after their gather: check that every input precedes its user."""
     seen = set()
     for node in graph.nodes:
         for inp in node.all_input_nodes:

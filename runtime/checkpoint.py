@@ -140,19 +140,17 @@ def load_checkpoint(engine, directory: str | os.PathLike, tag: str | None = None
     own = torch.load(rank_file, weights_only=False) if rank_file.exists() and meta["dp"] == engine.world else first
     with torch.no_grad():
         for sp, b in zip(engine.shard_params, engine.layout.buckets):
-            def piece(key: str) -> torch.Tensor | None:
-                if any(key not in whole[s.name] for s in b.slots):
-                    return None
-                full = torch.zeros(b.padded, dtype=sp.dtype)
-                for s in b.slots:
-                    full[s.offset: s.offset + s.numel] = whole[s.name][key].reshape(-1)
-                return engine.own_chunk(full, b)
-
-            sp.copy_(piece("param"))
-            if engine.layout.stage < 3:
-                engine.flat[b.offset: b.offset + b.padded].copy_(_bucket(whole, b, sp.dtype))
+            params = _whole_bucket(whole, b, "param", sp.dtype)
+            if engine.layout.stage < 3:  # whole parameters live in the flat buffer (sp is a view of it)
+                engine.flat[b.offset: b.offset + b.padded].copy_(params)
+            else:
+                sp.copy_(engine.own_chunk(params, b))
             if engine.optimizer is not None and step is not None:
-                state = {k: piece(k).to(sp.device) for k in STATE_KEYS if piece(k) is not None}
+                state = {}
+                for key in STATE_KEYS:
+                    full = _whole_bucket(whole, b, key, sp.dtype)
+                    if full is not None:
+                        state[key] = engine.own_chunk(full, b).to(sp.device)
                 state["step"] = torch.tensor(step, dtype=torch.float32)
                 engine.optimizer.state[sp] = state
     if engine.scheduler is not None and own["scheduler"] is not None:
@@ -170,10 +168,13 @@ def load_checkpoint(engine, directory: str | os.PathLike, tag: str | None = None
     return first.get("buffers", {})
 
 
-def _bucket(whole, b, dtype) -> torch.Tensor:
+def _whole_bucket(whole, b, key: str, dtype) -> torch.Tensor | None:
+    """Bucket `b` of tensor `key` ("param" or an optimizer state) rebuilt from whole parameters."""
+    if any(key not in whole[s.name] for s in b.slots):
+        return None
     full = torch.zeros(b.padded, dtype=dtype)
     for s in b.slots:
-        full[s.offset: s.offset + s.numel] = whole[s.name]["param"].reshape(-1)
+        full[s.offset: s.offset + s.numel] = whole[s.name][key].reshape(-1)
     return full
 
 

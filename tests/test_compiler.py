@@ -219,3 +219,19 @@ def test_explain_mentions_plan_sources_passes_and_memory():
     text = compiled.explain()
     for needle in ("zero.stage", "<- plan", "plan_zero_buckets", "per-rank memory"):
         assert needle in text
+
+
+def test_mixed_parameter_dtypes_name_a_parameter_and_the_way_out():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].to(torch.bfloat16)
+
+    class Cast(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner[1](self.inner[0](x).bfloat16()).float().sum()
+
+    with pytest.raises(InvariantError, match=r"inner\.1\.(weight|bias).*precision\.dtype"):
+        dsc.compile(Cast(model), PLAN, example_inputs=(torch.randn(2, 4),))
