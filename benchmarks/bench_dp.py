@@ -143,7 +143,9 @@ def setup(name, args, model, x, y):
         import dsc
 
         plan = {"zero": {"stage": int(name[5]), "overlap_comm": name.endswith("overlap"),
-                         "reduce_bucket_size": args.bucket, "allgather_bucket_size": args.bucket},
+                         "reduce_bucket_size": args.bucket, "allgather_bucket_size": args.bucket,
+                         "prefetch_bucket_size": args.bucket,  # ZeRO-3 (bench_zero) only
+                         "param_persistence_threshold": getattr(args, "persistence", 0)},
                 "optimizer": {"type": "adamw", **{k: list(v) if k == "betas" else v for k, v in adamw.items()}},
                 "batch": {"micro_batch_size": args.micro, "gradient_accumulation_steps": 1}}
         compiled = dsc.compile(model, plan, example_inputs=(x, y))

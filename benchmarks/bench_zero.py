@@ -71,7 +71,7 @@ def setup(name, args, model, x, y):
     import torch.distributed as dist
 
     adamw = {**ADAMW, "lr": args.lr}
-    if name in ("ddp", "dsc-z1", "dsc-z2"):  # identical to bench_dp.py
+    if name in ("ddp", "dsc-z1", "dsc-z2", "dsc-z3"):  # bench_dp.py's setup covers every dsc stage
         return bench_dp.setup(name, args, model, x, y)
     finish = lambda: (dist.barrier(), dist.destroy_process_group())  # noqa: E731
     if name == "fsdp2":
@@ -99,21 +99,6 @@ def setup(name, args, model, x, y):
                            optimizer_bytes=nbytes(_local(v) for s in opt.state.values() for v in s.values()
                                                   if torch.is_tensor(v)))
         return fwd_bwd, step, mem, finish
-    if name == "dsc-z3":
-        import dsc
-
-        plan = {"zero": {"stage": 3, "prefetch_bucket_size": args.bucket, "reduce_bucket_size": args.bucket,
-                         "allgather_bucket_size": args.bucket, "param_persistence_threshold": args.persistence},
-                "optimizer": {"type": "adamw", **{k: list(v) if k == "betas" else v for k, v in adamw.items()}},
-                "batch": {"micro_batch_size": args.micro, "gradient_accumulation_steps": 1}}
-        compiled = dsc.compile(model, plan, example_inputs=(x, y))
-
-        def fwd_bwd(x, y):
-            loss = compiled(x, y)
-            compiled.backward(loss)
-            return loss
-
-        return fwd_bwd, compiled.step, compiled.memory_bytes, dsc.runtime.mesh.shutdown
     if name == "ds-z3":
         import deepspeed
 
