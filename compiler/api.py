@@ -108,6 +108,7 @@ class CompiledModel(nn.Module):
         self._captured = None
         self._eval_gm = None
         self._engine: ZeroEngine | None = None
+        self._device: str | None = None
         self.training = model.training
 
     # -- compile ----------------------------------------------------------------------------------
@@ -160,8 +161,11 @@ class CompiledModel(nn.Module):
             return graph(*args, **kwargs)
 
     def _device_type(self) -> str:
-        p = next(iter(self._program.gm.parameters()), None)
-        return p.device.type if p is not None and p.device.type != "meta" else "cpu"
+        """Where the parameters live (decides the autocast device); looked up once."""
+        if self._device is None:
+            p = next((p for p in self._program.gm.parameters() if p.device.type != "meta"), None)
+            self._device = p.device.type if p is not None else "cpu"
+        return self._device
 
     def _eval_graph(self, args, kwargs):
         """Captured lazily: dropout and friends are baked into a graph as train or eval."""

@@ -25,7 +25,12 @@ from .pass_manager import CompileContext, Pass, PassResult, run_passes
 
 
 def estimate_costs(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
-    """Per-rank bytes (params, grads, optimizer state, activations) and communication per step."""
+    """Per-rank bytes (params, grads, optimizer state, activations) and communication per step.
+
+    Requires: `zero_layout` and `activations_bytes` in ctx.artifacts. Guarantees:
+    `ctx.artifacts["estimate"]` (memory dict, bytes sent per optimizer step, every collective).
+    Analysis only: the graph is unchanged.
+    """
     layout = ctx.artifacts["zero_layout"]
     _, frozen, buffers = parameter_bytes(gm)
     mem = layout.memory(ctx.optimizer_type)
