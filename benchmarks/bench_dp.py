@@ -115,6 +115,27 @@ def opt_state(opt):
     return [v for s in opt.state.values() for v in s.values() if hasattr(v, "untyped_storage")]
 
 
+def torch_contender(forward, model, opt, local=lambda t: t):
+    """(fwd_bwd, step, memory, finish) for a plain torch wrapper (DDP, FSDP2) and a torch optimizer.
+    `local` maps a parameter, gradient or state tensor to this rank's part (DTensor.to_local)."""
+    import torch.distributed as dist
+
+    def fwd_bwd(x, y):
+        loss = forward(x, y)
+        loss.backward()
+        return loss
+
+    def step():
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    params = list(model.parameters())
+    mem = lambda: dict(params_bytes=nbytes(local(p) for p in params),  # noqa: E731
+                       grads_bytes=nbytes(local(p.grad) for p in params if p.grad is not None),
+                       optimizer_bytes=nbytes(local(v) for v in opt_state(opt)))
+    return fwd_bwd, step, mem, lambda: (dist.barrier(), dist.destroy_process_group())
+
+
 def setup(name, args, model, x, y):
     """(fwd_bwd(x, y) -> loss, step(), memory() -> {params,grads,optimizer}_bytes, finish()) for `name`."""
     import torch
@@ -124,21 +145,7 @@ def setup(name, args, model, x, y):
     fused = dict(fused=True)  # DDP and DeepSpeed get torch's fused AdamW, as dsc uses
     if name == "ddp":
         ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=4 * args.bucket / MiB)
-        opt = torch.optim.AdamW(model.parameters(), **adamw, **fused)
-
-        def fwd_bwd(x, y):
-            loss = ddp(x, y)
-            loss.backward()
-            return loss
-
-        def step():
-            opt.step()
-            opt.zero_grad(set_to_none=False)
-
-        params = list(model.parameters())
-        mem = lambda: dict(params_bytes=nbytes(params), grads_bytes=nbytes(p.grad for p in params),  # noqa: E731
-                           optimizer_bytes=nbytes(opt_state(opt)))
-        return fwd_bwd, step, mem, lambda: (dist.barrier(), dist.destroy_process_group())
+        return torch_contender(ddp, model, torch.optim.AdamW(model.parameters(), **adamw, **fused))
     if name.startswith("dsc-"):
         import dsc
 

@@ -82,23 +82,8 @@ def setup(name, args, model, x, y):
         for block in model.blocks:
             fully_shard(block, mesh=mesh, reshard_after_forward=True)
         fully_shard(model, mesh=mesh, reshard_after_forward=True)
-        opt = torch.optim.AdamW(model.parameters(), **adamw, fused=True)
-
-        def fwd_bwd(x, y):
-            loss = model(x, y)
-            loss.backward()
-            return loss
-
-        def step():
-            opt.step()
-            opt.zero_grad(set_to_none=False)
-
-        params = list(model.parameters())
-        mem = lambda: dict(params_bytes=nbytes(_local(p) for p in params),  # noqa: E731
-                           grads_bytes=nbytes(_local(p.grad) for p in params if p.grad is not None),
-                           optimizer_bytes=nbytes(_local(v) for s in opt.state.values() for v in s.values()
-                                                  if torch.is_tensor(v)))
-        return fwd_bwd, step, mem, finish
+        return bench_dp.torch_contender(model, model, torch.optim.AdamW(model.parameters(), **adamw, fused=True),
+                                        local=_local)
     if name == "ds-z3":
         import deepspeed
 
