@@ -136,6 +136,26 @@ def torch_contender(forward, model, opt, local=lambda t: t):
     return fwd_bwd, step, mem, lambda: (dist.barrier(), dist.destroy_process_group())
 
 
+def deepspeed_engine(args, model, zero: dict):
+    """(engine, its optimizer, fwd_bwd) for DeepSpeed with the given zero_optimization section."""
+    import deepspeed
+    import torch
+
+    cfg = {"train_micro_batch_size_per_gpu": args.micro, "gradient_accumulation_steps": 1,
+           "zero_optimization": zero, "zero_allow_untested_optimizer": True,
+           "gradient_clipping": 0.0, "steps_per_print": 10**9}
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+                            fused=True)
+    engine, dopt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+
+    def fwd_bwd(x, y):
+        loss = engine(x, y)
+        engine.backward(loss)
+        return loss
+
+    return engine, dopt, fwd_bwd
+
+
 def setup(name, args, model, x, y):
     """(fwd_bwd(x, y) -> loss, step(), memory() -> {params,grads,optimizer}_bytes, finish()) for `name`."""
     import torch
@@ -163,21 +183,9 @@ def setup(name, args, model, x, y):
             return loss
 
         return fwd_bwd, compiled.step, compiled.memory_bytes, dsc.runtime.mesh.shutdown
-    import deepspeed  # ds-z*
-
-    stage = int(name[4])
-    cfg = {"train_micro_batch_size_per_gpu": args.micro, "gradient_accumulation_steps": 1,
-           "zero_optimization": {"stage": stage, "reduce_bucket_size": args.bucket,
-                                 "allgather_bucket_size": args.bucket},
-           "zero_allow_untested_optimizer": True,
-           "gradient_clipping": 0.0, "steps_per_print": 10**9}
-    opt = torch.optim.AdamW(model.parameters(), **adamw, **fused)
-    engine, dopt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
-
-    def fwd_bwd(x, y):
-        loss = engine(x, y)
-        engine.backward(loss)
-        return loss
+    # ds-z*
+    zero = {"stage": int(name[4]), "reduce_bucket_size": args.bucket, "allgather_bucket_size": args.bucket}
+    engine, dopt, fwd_bwd = deepspeed_engine(args, model, zero)
 
     def mem():
         params = list(model.parameters())

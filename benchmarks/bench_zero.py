@@ -85,21 +85,10 @@ def setup(name, args, model, x, y):
         return bench_dp.torch_contender(model, model, torch.optim.AdamW(model.parameters(), **adamw, fused=True),
                                         local=_local)
     if name == "ds-z3":
-        import deepspeed
 
-        cfg = {"train_micro_batch_size_per_gpu": args.micro, "gradient_accumulation_steps": 1,
-               "zero_optimization": {"stage": 3, "reduce_bucket_size": args.bucket,
-                                     "stage3_prefetch_bucket_size": args.bucket,
-                                     "stage3_param_persistence_threshold": args.persistence},
-               "zero_allow_untested_optimizer": True,
-               "gradient_clipping": 0.0, "steps_per_print": 10**9}
-        opt = torch.optim.AdamW(model.parameters(), **adamw, fused=True)
-        engine, dopt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
-
-        def fwd_bwd(x, y):
-            loss = engine(x, y)
-            engine.backward(loss)
-            return loss
+        zero = {"stage": 3, "reduce_bucket_size": args.bucket, "stage3_prefetch_bucket_size": args.bucket,
+                "stage3_param_persistence_threshold": args.persistence}
+        engine, dopt, fwd_bwd = bench_dp.deepspeed_engine(args, model, zero)
 
         def mem():
             # ZeRO-3 keeps: each param's partition (p.ds_tensor, views of fp16_partitioned_groups_flat),
