@@ -200,7 +200,9 @@ def setup(name, args, model, x, y):
     return fwd_bwd, engine.step, mem, lambda: (dist.barrier(), dist.destroy_process_group())
 
 
-def worker(args) -> None:
+def worker(args, setup_fn=None) -> None:
+    """One contender on this rank: warm up, time, measure, and (rank 0) print the JSON result line.
+    bench_zero passes its own `setup_fn`; memory() may add "gathered_peak_bytes" (dsc ZeRO-3)."""
     import torch
     import torch.distributed as dist
     from gpt import build_model
@@ -209,34 +211,37 @@ def worker(args) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     data = batches(args, rank, world, args.warmup + args.steps)
-    model = build_model(0, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
-                        block_size=args.seq)
-    n_params = model.get_num_params()
-    fwd_bwd, step, mem, finish = setup(args.contender, args, model, *data[0])
+    model = build_model(0, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, block_size=args.seq)
+    n_params = model.get_num_params()  # tied weights once
+    fwd_bwd, step, mem, finish = (setup_fn or setup)(args.contender, args, model, *data[0])
     times, loss, m, live = [], None, None, 0
     for i, (x, y) in enumerate(data):
         dist.barrier()
         t0 = time.perf_counter()
         loss = fwd_bwd(x, y)
         if i == args.warmup - 1:  # untimed: memory when gradients exist and optimizer state too
-            m, live = mem(), live_tensor_bytes()
+            m, live = dict(mem()), live_tensor_bytes()
         step()
         dist.barrier()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     final = loss.detach().clone()
+    final = final.to_local() if hasattr(final, "to_local") else final  # FSDP2 may return a DTensor
     dist.all_reduce(final)
+    gathered = m.pop("gathered_peak_bytes", None)
     res = {"name": args.contender, "world": world, "num_params": n_params,
            "median_step_s": statistics.median(times), "step_s": times,
            "final_loss": float(final) / world, **m,
-           "model_state_bytes": sum(m.values()), "live_tensor_bytes": live,
+           "model_state_bytes": sum(m.values()), "gathered_peak_bytes": gathered, "live_tensor_bytes": live,
            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    res["psi_over_n"] = res["model_state_bytes"] * world / n_params
     per_rank = [None] * world
     dist.all_gather_object(per_rank, res)
     if rank == 0:
         res["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in per_rank)
-        res["per_rank"] = [{k: r[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes",
-                                              "live_tensor_bytes", "peak_rss_bytes")} for r in per_rank]
+        res["per_rank"] = [{k: r[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "model_state_bytes",
+                                              "gathered_peak_bytes", "live_tensor_bytes", "peak_rss_bytes")}
+                           for r in per_rank]
         print(MARK + json.dumps(res), flush=True)
     finish()
 

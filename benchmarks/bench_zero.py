@@ -34,18 +34,14 @@ Run (either form; the second re-launches each contender under torchrun with --np
 
 from __future__ import annotations
 
-import json
 import os
-import resource
-import statistics
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import bench_dp  # noqa: E402  (also puts examples/ on sys.path)
-from bench_dp import MARK, MiB, batches, live_tensor_bytes, nbytes, opt_state  # noqa: E402
+from bench_dp import MiB, nbytes, opt_state  # noqa: E402
 
 CONTENDERS = ["ddp", "fsdp2", "dsc-z1", "dsc-z2", "dsc-z3", "ds-z3"]
 
@@ -112,47 +108,7 @@ def setup(name, args, model, x, y):
 
 
 def worker(args) -> None:
-    import torch
-    import torch.distributed as dist
-    from gpt import build_model
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    data = batches(args, rank, world, args.warmup + args.steps)
-    model = build_model(0, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, block_size=args.seq)
-    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())  # tied counted once
-    fwd_bwd, step, mem, finish = setup(args.contender, args, model, *data[0])
-    times, loss, m, live = [], None, None, 0
-    for i, (x, y) in enumerate(data):
-        dist.barrier()
-        t0 = time.perf_counter()
-        loss = fwd_bwd(x, y)
-        if i == args.warmup - 1:  # untimed: memory when gradients exist and optimizer state too
-            m, live = dict(mem()), live_tensor_bytes()
-        step()
-        dist.barrier()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    final = loss.detach().clone()
-    final = _local(final)
-    dist.all_reduce(final)
-    gathered = m.pop("gathered_peak_bytes", None)
-    res = {"name": args.contender, "world": world, "num_params": n_params,
-           "median_step_s": statistics.median(times), "step_s": times,
-           "final_loss": float(final) / world, **m,
-           "model_state_bytes": sum(m.values()), "gathered_peak_bytes": gathered, "live_tensor_bytes": live,
-           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    res["psi_over_n"] = res["model_state_bytes"] * world / n_params
-    per_rank = [None] * world
-    dist.all_gather_object(per_rank, res)
-    if rank == 0:
-        res["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in per_rank)
-        res["per_rank"] = [{k: r[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "model_state_bytes",
-                                              "gathered_peak_bytes", "live_tensor_bytes", "peak_rss_bytes")}
-                           for r in per_rank]
-        print(MARK + json.dumps(res), flush=True)
-    finish()
+    bench_dp.worker(args, setup)
 
 
 # -- parent: one torchrun job per contender, then the table -----------------------------------------
