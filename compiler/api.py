@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from dsc.runtime.lr_schedules import build_scheduler
-from dsc.runtime.mesh import data_parallel_group, init_distributed
+from dsc.runtime.mesh import build_mesh, init_distributed
 from dsc.runtime.optim import build_optimizer
 from dsc.runtime.precision import DTYPES, autocast, build_loss_scaler
 from dsc.runtime.checkpoint import load_checkpoint, save_checkpoint
@@ -37,6 +37,16 @@ from .capture import call_args, capture
 from .pass_manager import CompileContext
 from .pipeline import RankProgram, compile_rank
 from .report import build_report, explain
+
+
+def tp_gather(local: torch.Tensor, info: dict, tp: int) -> torch.Tensor:
+    """The whole parameter from every tensor-parallel rank's slice (collective over "tp")."""
+    from dsc.runtime.collectives import all_gather_dim
+
+    dim, segments = info["dim"], info["segments"]
+    parts = all_gather_dim(local.contiguous(), dim, "tp", tp).split([s // tp for s in segments] * tp, dim)
+    n = len(segments)  # parts are rank-major: rank r holds its piece of every segment, in order
+    return torch.cat([parts[r * n + i] for i in range(n) for r in range(tp)], dim)
 
 
 class _WithLoss(nn.Module):
@@ -114,6 +124,8 @@ class CompiledModel(nn.Module):
     # -- compile ----------------------------------------------------------------------------------
     def _compile(self, args: tuple, kwargs: dict) -> None:
         self._captured = capture(self._model, args, kwargs)
+        if isinstance(self._model, _WithLoss):  # module names as the user knows them (rules, report)
+            self._captured.gm.meta["dsc.module_prefix"] = "model."
         self._program = compile_rank(self._captured, self._plan, self.rank, self.world_size, args, kwargs)
         self.module = self._program.gm  # registered: named_parameters() keep the original names
         self._build_runtime()
@@ -123,6 +135,14 @@ class CompiledModel(nn.Module):
         layout = self._program.artifacts["zero_layout"]
         gm = self._program.gm
         params = {n: p for n, p in gm.named_parameters(remove_duplicate=True) if p.device.type != "meta"}
+        groups = build_mesh(plan.parallel.data_parallel_size, plan.tensor_parallel.size)
+        bind_mesh_dim("dp", groups["dp"])
+        bind_mesh_dim("tp", groups["tp"])
+        tp_layout = self._program.artifacts.get("tp_layout", {})
+        for name in tp_layout:  # the graph reads this rank's slices: drop the whole parameters
+            whole = self._captured.gm.get_parameter(name)
+            whole.data = torch.empty(0, dtype=whole.dtype, device=whole.device)
+            whole.requires_grad_(False)
         training = plan.optimizer is not None or self._optimizer_fn is not None
         if not training and layout.stage < 3:
             return  # inference on whole parameters: nothing to reduce, update or gather
@@ -132,11 +152,10 @@ class CompiledModel(nn.Module):
         elif plan.optimizer is not None:
             make_opt = lambda ps: build_optimizer(ps, plan.optimizer)  # noqa: E731
         make_sched = (lambda opt: build_scheduler(opt, plan.scheduler)) if plan.scheduler else None
-        group = data_parallel_group(plan.parallel.data_parallel_size)
-        bind_mesh_dim("dp", group)
-        args = (layout, make_opt, make_sched, group, plan.batch.gradient_accumulation_steps,
+        args = (layout, make_opt, make_sched, groups["dp"], plan.batch.gradient_accumulation_steps,
                 plan.gradient_clipping)
         self._engine = Zero3Engine(gm, params, *args) if layout.stage == 3 else ZeroEngine(params, *args)
+        self._engine.set_tensor_parallel(set(tp_layout), groups["tp"], plan.tensor_parallel.size)
         self._engine.scaler = build_loss_scaler(plan.precision)
         if isinstance(self._engine, Zero3Engine) and plan.precision.dtype != "fp32":
             self._engine.gather_dtype = DTYPES[plan.precision.dtype]
@@ -150,9 +169,10 @@ class CompiledModel(nn.Module):
         if self._program is None:
             self._compile(args, kwargs)
         if not self.training and self._captured.training:
-            if self._plan.zero.stage == 3:
-                raise NotImplementedError("eval mode under ZeRO-3 needs an eval graph with gathers; not "
-                                          "built yet: call the model in train mode under torch.no_grad()")
+            if self._plan.zero.stage == 3 or self._plan.tensor_parallel.size > 1:
+                what = "ZeRO-3" if self._plan.zero.stage == 3 else "tensor parallelism"
+                raise NotImplementedError(f"eval mode under {what} needs an eval graph compiled for the plan; "
+                                          "not built yet: call the model in train mode under torch.no_grad()")
             graph, hooks = self._eval_graph(args, kwargs), contextlib.nullcontext()
         else:
             graph = self._program.gm
@@ -266,11 +286,13 @@ class CompiledModel(nn.Module):
         number of ranks and any ZeRO stage (`load_checkpoint`); `dsc checkpoint consolidate`
         turns it into one plain state_dict.
         """
+        self._no_tp_checkpoints()
         aliases, other = self._state_names()
         return save_checkpoint(self.engine, other, aliases, self._plan, directory, tag)
 
     def load_checkpoint(self, directory, tag: str | None = None) -> None:
         """Load a checkpoint saved by `save_checkpoint` (any world size or stage; default: latest)."""
+        self._no_tp_checkpoints()
         _, other = self._state_names()
         buffers = load_checkpoint(self.engine, directory, tag)
         with torch.no_grad():
@@ -278,18 +300,35 @@ class CompiledModel(nn.Module):
                 if key in other:
                     other[key].copy_(value)
 
+    def _no_tp_checkpoints(self) -> None:
+        if self._plan.tensor_parallel.size > 1:
+            raise NotImplementedError("checkpoints of tensor-parallel runs are not supported yet; save "
+                                      "compiled.full_state_dict() (every rank calls it) from rank 0 instead")
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full parameters and buffers under the original model's state_dict keys (copies).
 
         Under ZeRO-3 this gathers the shards: every rank must call it.
         """
         model = self._model.model if isinstance(self._model, _WithLoss) else self._model
-        whole = {}
-        if isinstance(self._engine, Zero3Engine):
-            by_id = {id(p): n for n, p in self._model.named_parameters(remove_duplicate=True)}
-            gathered = self._engine.full_parameters()
-            whole = {id(p): gathered[by_id[id(p)]] for p in model.parameters() if by_id.get(id(p)) in gathered}
-        return {k: whole[id(v)] if id(v) in whole else v.detach().clone()
+        gm = self._program.gm
+        gathered = self._engine.full_parameters() if isinstance(self._engine, Zero3Engine) else {}
+        tp_layout = self._program.artifacts.get("tp_layout", {})
+        canonical = {id(p): n for n, p in gm.named_parameters(remove_duplicate=True)}
+        whole, done = {}, {}
+        for name, p in gm.named_parameters(remove_duplicate=False):  # every alias of a tied weight
+            canon = canonical[id(p)]
+            if canon not in done:
+                t = gathered.get(canon, p.detach())
+                if canon in tp_layout:
+                    t = tp_gather(t, tp_layout[canon], self._plan.tensor_parallel.size)
+                done[canon] = t
+            try:
+                original = self._captured.gm.get_parameter(name)
+            except AttributeError:
+                continue
+            whole[id(original)] = done[canon]
+        return {k: whole[id(v)].clone() if id(v) in whole else v.detach().clone()
                 for k, v in model.state_dict(keep_vars=True).items()}
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch.fx
 
 from dsc.passes.precision import relax_dtype_asserts
+from dsc.passes.tensor_parallel import check_tensor_parallel, shard_tensor_parallel
 from dsc.passes.zero import check_zero_layout, plan_zero_buckets
 from dsc.passes.zero3 import check_sharded, shard_parameters
 from dsc.runtime.optim import optimizer_kind
@@ -41,7 +42,8 @@ def estimate_costs(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
     if layout.stage == 3:
         mem["gathered_bound_bytes"] = layout.gathered_bound_bytes()
     low = ctx.plan.precision.dtype != "fp32" and layout.stage == 3  # shards are cast before the gather
-    collectives = layout.collectives(ctx.plan.batch.gradient_accumulation_steps, 2 if low else None)
+    gas = ctx.plan.batch.gradient_accumulation_steps
+    collectives = layout.collectives(gas, 2 if low else None) + tp_collectives(gm, ctx.plan.tensor_parallel.size, gas)
     comm = sum(c["sent_bytes"] * c["times"] for c in collectives)
     ctx.artifacts["estimate"] = {"memory": mem, "comm_bytes_per_step": comm, "collectives": collectives}
     return PassResult(
@@ -51,12 +53,47 @@ def estimate_costs(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
     )
 
 
+def tp_collectives(gm: torch.fx.GraphModule, tp: int, gas: int) -> list[dict]:
+    """The tensor-parallel collectives in the graph, each run once per micro-step (bytes from the
+    node's fake value: payload = what this rank contributes)."""
+    if tp == 1:
+        return []
+    ops = torch.ops.dsc
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or getattr(node.target, "namespace", None) != "dsc":
+            continue
+        v = node.args[0].meta["val"]
+        size = v.numel() * v.element_size()
+        ring = 2 * size * (tp - 1) // tp
+        if node.target is ops.tp_all_reduce.default:
+            out.append({"op": "tp_all_reduce", "node": node.name, "when": "forward", "payload_bytes": size,
+                        "sent_bytes": ring, "times": gas})
+        elif node.target is ops.copy_to_tp.default:
+            out.append({"op": "copy_to_tp.backward", "node": node.name, "when": "backward (gradient all-reduce)",
+                        "payload_bytes": size, "sent_bytes": ring, "times": gas})
+        elif node.target is ops.all_gather_dim.default:
+            out.append({"op": "all_gather_dim", "node": node.name, "when": "forward (sharded output)",
+                        "payload_bytes": size, "sent_bytes": size * (tp - 1), "times": gas})
+        elif node.target is ops.vocab_parallel_cross_entropy.default:
+            rows = v.shape[0]
+            for when, n in (("forward (max, sum-exp, target logit)", 3), ("backward (max, sum-exp)", 2)):
+                op = "vocab_parallel_cross_entropy" + (".backward" if when.startswith("backward") else "")
+                out.append({"op": op, "node": node.name, "when": when, "payload_bytes": 4 * rows * n,
+                            "sent_bytes": 2 * 4 * rows * n * (tp - 1) // tp, "times": gas})
+    return out
+
+
 # The order of these passes follows from provides/requires; the edges, and why:
 #   annotate_shapes -> plan_zero_buckets: bucket sizes are element counts read from node values.
 #   plan_zero_buckets -> shard_parameters: ZeRO-3 gathers whole buckets, so it needs their layout.
 #   plan_zero_buckets -> estimate_costs: memory and traffic depend on the shard layout.
 #   relax_dtype_asserts has no edge: it only removes assertion nodes nothing else reads.
+#   shard_tensor_parallel is listed first (ties follow list order): every later pass must see the
+#   local shapes it leaves (annotate_shapes' activation bytes, the ZeRO buckets of local shards).
 PASSES = [
+    Pass("shard_tensor_parallel", shard_tensor_parallel, provides=frozenset({"tp_sharded"}),
+         enabled=lambda plan: plan.tensor_parallel.size > 1, check=check_tensor_parallel),
     Pass("annotate_shapes", annotate_shapes, provides=frozenset({"shapes"})),
     Pass("relax_dtype_asserts", relax_dtype_asserts, provides=frozenset({"autocast_ready"}),
          enabled=lambda plan: plan.precision.dtype != "fp32"),
@@ -78,10 +115,11 @@ class RankProgram:
     gm: torch.fx.GraphModule
     artifacts: dict[str, Any]
     passes: list[dict[str, Any]] = field(default_factory=list)
+    coords: dict[str, int] = field(default_factory=dict)
 
     def rank_report(self) -> dict[str, Any]:
         est = self.artifacts["estimate"]
-        return {"rank": self.rank, "coords": {"dp": self.rank}, "memory": est["memory"],
+        return {"rank": self.rank, "coords": dict(self.coords), "memory": est["memory"],
                 "comm_bytes_per_step": est["comm_bytes_per_step"], "collectives": est["collectives"]}
 
 
@@ -93,20 +131,28 @@ def compile_rank(captured: Captured, plan, rank: int, world_size: int, args: tup
         graph = copy.deepcopy(captured.gm.graph)
     gm = torch.fx.GraphModule(captured.gm, graph)
     gm.meta.update(getattr(captured.gm, "meta", {}))
-    ctx = CompileContext(plan=plan, rank=rank, world_size=world_size, coords={"dp": rank},
+    coords = rank_coords(plan, rank)
+    ctx = CompileContext(plan=plan, rank=rank, world_size=world_size, coords=coords,
                          example_args=tuple(args), example_kwargs=dict(kwargs or {}),
                          optimizer_type=optimizer_kind(plan.optimizer))
     gm, records = run_passes(gm, ctx, PASSES)
-    return RankProgram(rank, world_size, gm, ctx.artifacts, records)
+    return RankProgram(rank, world_size, gm, ctx.artifacts, records, coords)
+
+
+def rank_coords(plan, rank: int) -> dict[str, int]:
+    """A rank's place on the ("dp", "tp") mesh: tensor-parallel ranks are adjacent."""
+    tp = plan.tensor_parallel.size
+    return {"dp": rank // tp, "tp": rank % tp}
 
 
 def graph_code(program: RankProgram) -> str:
     """A rank's graph as readable Python, followed by the collectives its runtime issues."""
-    lines = [f"# dsc rank {program.rank} of {program.world_size}", program.gm.code.strip(), "",
+    coords = ", ".join(f"{k}={v}" for k, v in program.coords.items())
+    lines = [f"# dsc rank {program.rank} of {program.world_size} ({coords})", program.gm.code.strip(), "",
              "# collectives per optimizer step (gradient buckets reduced during backward):"]
     for c in program.artifacts["estimate"]["collectives"]:
-        lines.append(f"#   dsc::{c['op']}(bucket {c['bucket']}) x{c['times']}  {c['payload_bytes']:,} B  "
-                     f"[{c['when']}]")
+        what = f"bucket {c['bucket']}" if "bucket" in c else c["node"]
+        lines.append(f"#   dsc::{c['op']}({what}) x{c['times']}  {c['payload_bytes']:,} B  [{c['when']}]")
     if not program.artifacts["estimate"]["collectives"]:
         lines.append("#   none (single rank)")
     return "\n".join(lines) + "\n"

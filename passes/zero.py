@@ -231,7 +231,7 @@ def plan_zero_buckets(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResu
                 if any(s.name == name for s in b.slots):
                     node.meta["dsc.bucket"] = b.index
 
-    layout = ZeroLayout(zero.stage, ctx.rank, dp, shards, element_size, tuple(buckets), zero.overlap_comm,
+    layout = ZeroLayout(zero.stage, ctx.coords["dp"], dp, shards, element_size, tuple(buckets), zero.overlap_comm,
                         zero.reduce_scatter, int(zero.allgather_bucket_size),
                         tuple((d["what"], d["reason"]) for d in declined))
     ctx.artifacts["zero_layout"] = layout

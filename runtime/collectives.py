@@ -156,3 +156,151 @@ def all_gather_(out: torch.Tensor, t: torch.Tensor, group, world: int, async_op:
         out.copy_(t)
         return None
     return _all_gather(out, t, group=group, async_op=async_op)
+
+
+# -- tensor parallelism -----------------------------------------------------------------------------
+# Megatron's pair of conjugate operators, plus the gather of a sharded output and the parallel
+# cross-entropy. Column-parallel linears read their input through `copy_to_tp` (identity forward,
+# all-reduce of the gradient backward); row-parallel linears end in `dsc::all_reduce` (sum forward,
+# identity backward). Together they make every rank's gradient of a replicated tensor complete.
+
+# Payload bytes each tensor-parallel op moved in this process, by op (tests compare with the report).
+traffic: dict[str, int] = {}
+
+
+def _count(op: str, t: torch.Tensor, world: int) -> None:
+    if world > 1:
+        traffic[op] = traffic.get(op, 0) + t.numel() * t.element_size()
+
+
+@torch.library.custom_op("dsc::copy_to_tp", mutates_args=())
+def copy_to_tp(x: torch.Tensor, group: str, world: int) -> torch.Tensor:
+    """Identity forward; the gradient is summed over the group (input of column-parallel layers)."""
+    return x.clone()
+
+
+@copy_to_tp.register_fake
+def _(x, group, world):
+    return torch.empty_like(x)
+
+
+def _copy_to_tp_backward(ctx, grad):
+    _count("copy_to_tp.backward", grad, ctx.world)
+    return all_reduce(grad, ctx.group, ctx.world), None, None
+
+
+def _copy_to_tp_setup(ctx, inputs, output):
+    _, ctx.group, ctx.world = inputs
+
+
+copy_to_tp.register_autograd(_copy_to_tp_backward, setup_context=_copy_to_tp_setup)
+
+
+@torch.library.custom_op("dsc::tp_all_reduce", mutates_args=())
+def tp_all_reduce(x: torch.Tensor, group: str, world: int) -> torch.Tensor:
+    """Sum forward, identity backward: the partial outputs of a row-parallel layer (or a
+    vocab-parallel embedding) become the replicated result."""
+    _count("tp_all_reduce", x, world)
+    return all_reduce(x, group, world)
+
+
+@tp_all_reduce.register_fake
+def _(x, group, world):
+    return torch.empty_like(x)
+
+
+tp_all_reduce.register_autograd(lambda ctx, grad: (grad, None, None),
+                                setup_context=lambda ctx, inputs, output: None)
+
+
+@torch.library.custom_op("dsc::all_gather_dim", mutates_args=())
+def all_gather_dim(x: torch.Tensor, dim: int, group: str, world: int) -> torch.Tensor:
+    """Concatenate every rank's `x` along `dim` (rank order). Backward keeps this rank's slice of
+    the gradient: the consumer of the whole tensor is replicated, so every rank has all of it."""
+    if world == 1:
+        return x.clone()
+    _count("all_gather_dim", x, world)
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=_group(group))
+    return torch.cat(parts, dim)
+
+
+@all_gather_dim.register_fake
+def _(x, dim, group, world):
+    shape = list(x.shape)
+    shape[dim] *= world
+    return x.new_empty(shape)
+
+
+def _all_gather_dim_backward(ctx, grad):
+    rank = dist.get_rank(_group(ctx.group)) if ctx.world > 1 else 0
+    return grad.chunk(ctx.world, ctx.dim)[rank].contiguous(), None, None, None
+
+
+def _all_gather_dim_setup(ctx, inputs, output):
+    _, ctx.dim, ctx.group, ctx.world = inputs
+
+
+all_gather_dim.register_autograd(_all_gather_dim_backward, setup_context=_all_gather_dim_setup)
+
+
+@torch.library.custom_op("dsc::vocab_parallel_cross_entropy", mutates_args=())
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_start: int,
+                                 ignore_index: int, group: str, world: int) -> torch.Tensor:
+    """Per-row cross-entropy of logits whose class dimension (dim 1 of [N, V/world]) is sharded:
+    this rank holds classes [vocab_start, vocab_start + V/world). Three all-reduces of N numbers
+    (max, sum of exponentials, target logit) replace gathering N x V logits. Ignored rows get 0."""
+    x = logits.float()
+    local_v = x.shape[1]
+    with torch.no_grad():
+        top = x.max(dim=1).values
+        if world > 1:
+            _count("vocab_parallel_cross_entropy", top, world)
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=_group(group))
+    shifted = x - top[:, None]
+    exp = shifted.exp()
+    sums = exp.sum(dim=1)
+    local = target - vocab_start
+    mine = (local >= 0) & (local < local_v)
+    picked = shifted.gather(1, local.clamp(0, local_v - 1)[:, None])[:, 0] * mine
+    if world > 1:
+        both = torch.stack([sums, picked])
+        _count("vocab_parallel_cross_entropy", both, world)
+        dist.all_reduce(both, group=_group(group))
+        sums, picked = both[0], both[1]
+    return (sums.log() - picked) * (target != ignore_index)
+
+
+@vocab_parallel_cross_entropy.register_fake
+def _(logits, target, vocab_start, ignore_index, group, world):
+    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
+def _vocab_ce_setup(ctx, inputs, output):
+    ctx.inputs = inputs
+    ctx.dtype = inputs[0].dtype
+
+
+def _vocab_ce_backward(ctx, grad):
+    logits, target, start, ignore, group, world = ctx.inputs
+    with torch.no_grad():  # recompute softmax (cheaper in memory than saving N x V/world floats)
+        x = logits.float()
+        top = x.max(dim=1).values
+        if world > 1:
+            _count("vocab_parallel_cross_entropy.backward", top, world)
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=_group(group))
+        exp = (x - top[:, None]).exp()
+        sums = exp.sum(dim=1)
+        if world > 1:
+            _count("vocab_parallel_cross_entropy.backward", sums, world)
+            dist.all_reduce(sums, group=_group(group))
+        local = target - start
+        mine = (local >= 0) & (local < x.shape[1])
+        g = exp / sums[:, None]
+        rows = torch.nonzero(mine)[:, 0]
+        g[rows, local[rows]] -= 1.0
+        g *= ((target != ignore) * grad)[:, None]
+    return g.to(ctx.dtype), None, None, None, None, None
+
+
+vocab_parallel_cross_entropy.register_autograd(_vocab_ce_backward, setup_context=_vocab_ce_setup)

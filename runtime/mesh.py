@@ -1,8 +1,8 @@
 """Process groups: initialise torch.distributed the way torchrun expects, and build the mesh.
 
 dsc adds no transport: ranks talk through torch.distributed (gloo on CPU, NCCL on GPU), arranged
-on a `DeviceMesh` whose dimensions are named after the parallelism that uses them ("dp" now;
-"tp", "pp", "ep" later). A timeout bounds every collective, so a rank that dies cannot leave the
+on a `DeviceMesh` whose dimensions are named after the parallelism that uses them ("dp", "tp";
+"pp", "ep" later). A timeout bounds every collective, so a rank that dies cannot leave the
 others waiting forever (torchrun also tears the whole job down when one worker exits non-zero).
 """
 
@@ -41,17 +41,28 @@ def init_distributed(timeout_s: float | None = None) -> bool:
     return True
 
 
-def data_parallel_group(dp: int):
-    """The process group of this rank's data-parallel replicas (None in a single process)."""
+def build_mesh(dp: int, tp: int = 1) -> dict[str, object]:
+    """This rank's process groups on the ("dp", "tp") mesh: {"dp": group, "tp": group}.
+
+    Tensor-parallel ranks are adjacent (rank = dp_index * tp + tp_index), as in Megatron and
+    torchtitan, so a tensor-parallel group stays on one host when hosts hold consecutive ranks.
+    Groups are None in a single process.
+    """
     if not dist.is_initialized():
-        if dp != 1:
-            raise RuntimeError(f"the plan asks for data_parallel_size={dp} but no process group exists; "
-                               "launch with `dsc run --nproc N script.py` (torchrun)")
-        return None
+        if dp * tp != 1:
+            raise RuntimeError(f"the plan asks for {dp * tp} ranks (data_parallel_size={dp} x "
+                               f"tensor_parallel.size={tp}) but no process group exists; launch with "
+                               f"`dsc run --nproc {dp * tp} script.py` (torchrun)")
+        return {"dp": None, "tp": None}
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(device_type(), (dp,), mesh_dim_names=("dp",))
-    return mesh.get_group("dp")
+    mesh = init_device_mesh(device_type(), (dp, tp), mesh_dim_names=("dp", "tp"))
+    return {"dp": mesh.get_group("dp"), "tp": mesh.get_group("tp")}
+
+
+def data_parallel_group(dp: int):
+    """The process group of this rank's data-parallel replicas (None in a single process)."""
+    return build_mesh(dp)["dp"]
 
 
 def shutdown() -> None:

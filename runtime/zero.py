@@ -102,6 +102,7 @@ class ZeroEngine:
         self._callback_queued = False
         self.scaler = StaticLossScaler(1.0)  # replaced by the runtime for fp16
         self.skipped_steps = 0
+        self.tp, self.tp_group, self._tp_ranges = 1, None, {}
 
     def forward_context(self):
         """Context the compiled graph's forward runs in (stage 3 installs saved-tensor hooks)."""
@@ -212,14 +213,34 @@ class ZeroEngine:
         self._pending.clear()
 
     # -- step -------------------------------------------------------------------------------------
+    def set_tensor_parallel(self, sharded: set[str], group, tp: int) -> None:
+        """Parameters in `sharded` are split over the tensor-parallel `group`: the gradient norm
+        sums their squares over that group too (the replicated ones count once)."""
+        self.tp, self.tp_group = tp, group
+        self._tp_ranges = {True: [], False: []}  # split over tp? -> (shard index, start, end)
+        for i, b in enumerate(self.layout.buckets):
+            lo = self.rank * b.chunk if self.layout.stage >= 1 else 0
+            hi = lo + b.chunk
+            for s in b.slots:
+                a, z = max(lo, s.offset), min(hi, s.offset + s.numel)
+                if a < z:
+                    self._tp_ranges[s.name in sharded].append((i, a - lo, z - lo))
+
     def grad_norm(self) -> float:
-        """Global L2 norm of the averaged gradient, across shards."""
-        local = sum(float(torch.linalg.vector_norm(sp.grad)) ** 2 for sp in self.shard_params)
+        """Global L2 norm of the averaged gradient, across data- and tensor-parallel shards."""
+        if self.tp == 1:
+            parts = [sum(float(torch.linalg.vector_norm(sp.grad)) ** 2 for sp in self.shard_params), 0.0]
+        else:  # replicated and tensor-parallel elements summed apart: ranks must agree bit for bit
+            parts = [sum(float(torch.linalg.vector_norm(self.shard_params[i].grad[a:z])) ** 2
+                         for i, a, z in self._tp_ranges[split]) for split in (False, True)]
+        t = torch.tensor(parts, dtype=torch.float64)
         if self.layout.stage >= 1 and self.world > 1:
-            t = torch.tensor([local], dtype=torch.float64)
             C.all_reduce_(t, self.group, self.world)
-            local = float(t[0])
-        return math.sqrt(local)
+        if self.tp > 1:
+            split = t[1:].clone()  # the tensor-parallel pieces of the same parameters
+            C.all_reduce_(split, self.tp_group, self.tp)
+            t[1] = split[0]
+        return math.sqrt(float(t.sum()))
 
     def step(self) -> bool:
         """Optimizer + scheduler step at an accumulation boundary. Returns whether it stepped."""

@@ -293,11 +293,13 @@ class _Translator:
                     self.note(f"{key}.{sub}", "ignored: dsc compiles the model itself")
         elif key == "tensor_parallel":
             for sub, v in (value or {}).items():
-                if sub == "autotp_size" and v not in (None, 0, 1):
-                    self.warn(f"{key}.{sub}", v, "tensor parallelism is not supported yet; dsc runs "
-                                                 "every rank as a data-parallel replica")
+                if sub == "autotp_size":
+                    if v not in (None, 0):
+                        self.put("tensor_parallel.size", v, f"{key}.{sub}",
+                                 "dsc shards from the graph (rules: auto), no per-model policy needed")
                 else:
-                    self.note(f"{key}.{sub}", "tensor-parallel setting; ignored (no tensor parallelism yet)")
+                    self.note(f"{key}.{sub}", "AutoTP setting; ignored (dsc decides sharding from the graph; "
+                                              "override per module with tensor_parallel.rules)")
         else:
             self.warn(key, value, f"unknown DeepSpeed key{did_you_mean(key, DEEPSPEED_KEYS)}; ignored")
 

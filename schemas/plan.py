@@ -13,7 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 
 from .errors import PlanError, Problem
 
-__all__ = ["Plan", "Parallel", "Zero", "Optimizer", "Scheduler", "Precision", "Batch",
+__all__ = ["Plan", "Parallel", "TensorParallel", "Zero", "Optimizer", "Scheduler", "Precision", "Batch",
            "DEFAULT_BUCKET_SIZE", "auto_bucket_size"]
 
 DEFAULT_BUCKET_SIZE = 500_000_000
@@ -51,11 +51,11 @@ class Section(BaseModel):
 
 
 class Parallel(Section):
-    """How ranks are arranged. Only data parallelism exists in this version."""
+    """How ranks are arranged: world_size = data_parallel_size × tensor_parallel.size, on a
+    2-D mesh ("dp", "tp") with tensor-parallel ranks adjacent (rank = dp_index × tp + tp_index)."""
 
     data_parallel_size: PositiveInt | None = None
-    """Number of data-parallel replicas. Omit to use the whole world; must equal world_size for
-    now (tensor and pipeline parallelism are not available yet)."""
+    """Number of data-parallel replicas. Omit to use world_size / tensor_parallel.size."""
     world_size: PositiveInt | None = None
     """Total number of ranks. Filled by `Plan.resolve`; leave it out of plan files."""
 
@@ -202,7 +202,42 @@ class Batch(Section):
     """Micro-batches accumulated per optimizer step."""
 
 
-RESERVED = ("tensor_parallel", "pipeline", "moe", "quantization", "pruning", "fusion", "checkpoint")
+TP_STYLES = ("colwise", "rowwise", "vocab", "replicate")
+
+
+class TensorParallel(Section):
+    """Tensor parallelism: weights split over `size` ranks, decided from the captured graph."""
+
+    size: PositiveInt = 1
+    """Ranks that split each sharded weight (1: off). Must divide world_size; the heads, hidden
+    and vocabulary sizes of the sharded modules must divide by it."""
+    rules: Literal["auto"] | dict[str, Literal["colwise", "rowwise", "vocab", "replicate"]] = "auto"
+    """"auto": column-parallel for the first linear of each pair (q/k/v or fused qkv, up/gate),
+    row-parallel for the second (output projection, down), vocabulary-parallel token embedding
+    and LM head, everything else replicated. A table {module pattern: style} (fnmatch patterns
+    over module names, e.g. "transformer.h.*.mlp.c_fc") overrides auto for the modules it
+    matches. Styles: colwise, rowwise, vocab, replicate."""
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _rules(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            for k, style in v.items():
+                if style not in TP_STYLES:
+                    raise ValueError(f"rules[{k!r}] = {style!r} — not a style; allowed: {', '.join(TP_STYLES)}"
+                                     f"{_did_you_mean(style, TP_STYLES)}")
+        elif v != "auto":
+            raise ValueError(f"{v!r} — expected \"auto\" or a table {{module pattern: style}}")
+        return v
+
+
+def _did_you_mean(value: Any, allowed) -> str:
+    import difflib
+    close = difflib.get_close_matches(str(value), list(allowed), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+RESERVED = ("pipeline", "moe", "quantization", "pruning", "fusion", "checkpoint")
 
 
 class Plan(Section):
@@ -225,8 +260,8 @@ class Plan(Section):
     """Batch sizes (resolved with the data-parallel size)."""
     gradient_clipping: float = Field(0.0, ge=0)
     """Clip the global gradient norm to this value; 0 turns clipping off."""
-    tensor_parallel: Any = None
-    """Reserved for tensor parallelism; not supported yet in this dsc version."""
+    tensor_parallel: TensorParallel = TensorParallel()
+    """Tensor parallelism (size 1: off)."""
     pipeline: Any = None
     """Reserved for pipeline parallelism; not supported yet in this dsc version."""
     moe: Any = None
@@ -273,14 +308,21 @@ class Plan(Section):
             raise PlanError([Problem("parallel.world_size", world_size,
                                      f"{world_size!r} — must be a positive integer")])
         dp = self.parallel.data_parallel_size
+        tp = self.tensor_parallel.size
+        if world_size % tp:
+            raise PlanError([Problem("tensor_parallel.size", tp,
+                                     f"{tp} does not divide world_size {world_size}; allowed: "
+                                     f"{[d for d in range(1, world_size + 1) if world_size % d == 0]}")],
+                            f"plan cannot be resolved for world_size {world_size}")
         if dp is None:
-            dp = world_size
-            sources["parallel.data_parallel_size"] = f"derived (= world_size {world_size})"
-        elif dp != world_size:
+            dp = world_size // tp
+            sources["parallel.data_parallel_size"] = (f"derived (= world_size {world_size})" if tp == 1 else
+                                                      f"derived (world_size {world_size} / tensor_parallel.size {tp})")
+        elif dp * tp != world_size:
             problems.append(Problem(
                 "parallel.data_parallel_size", dp,
-                f"{dp} does not match world_size {world_size} (without tensor or pipeline "
-                "parallelism every rank is a data-parallel replica)"))
+                f"{dp} × tensor_parallel.size {tp} does not match world_size {world_size} (every rank is "
+                f"one data-parallel replica's tensor-parallel part: use {world_size // tp} or omit it)"))
         sources["parallel.world_size"] = f"derived (world size {world_size} given to resolve)"
 
         b = self.batch

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 import dsc  # noqa: E402
+import models  # noqa: E402
 from models import MODELS, dataset, loss_of, rank_micro_batches  # noqa: E402
 
 
@@ -29,6 +30,7 @@ def plan_for(stage: int, args) -> dict:
         "batch": {"micro_batch_size": args.micro, "gradient_accumulation_steps": args.gas},
         "gradient_clipping": args.clip,
         "precision": {"dtype": args.precision},
+        "tensor_parallel": {"size": args.tp},
     }
 
 
@@ -46,24 +48,30 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--all-reduce", action="store_true", help="zero.reduce_scatter = false")
     p.add_argument("--allgather-bucket", type=int, default=500_000_000)
+    p.add_argument("--tp", type=int, default=1, help="tensor_parallel.size")
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size of the model and data")
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    if args.vocab:
+        models.set_vocab(args.vocab)
 
     dsc.runtime.mesh.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
+    dp, dp_rank = world // args.tp, rank // args.tp  # tensor-parallel ranks share a batch
     build, batch = MODELS[args.model]
-    gb = args.micro * args.gas * world
+    gb = args.micro * args.gas * dp
     data = dataset(args.steps, gb)
     results = {}
     for stage in [int(s) for s in args.stages.split(",")]:
         model = build()
-        first = rank_micro_batches(data, 0, gb, rank, world, args.gas)[0]
+        first = rank_micro_batches(data, 0, gb, dp_rank, dp, args.gas)[0]
         a, kw = batch(first)
         compiled = dsc.compile(model, plan_for(stage, args), example_inputs=(a, kw))
         losses = []
+        dsc.runtime.collectives.traffic.clear()
         for step in range(args.steps):
             total = torch.zeros(())
-            for micro in rank_micro_batches(data, step, gb, rank, world, args.gas):
+            for micro in rank_micro_batches(data, step, gb, dp_rank, dp, args.gas):
                 a, kw = batch(micro)
                 loss = loss_of(compiled(*a, **kw))
                 compiled.backward(loss)
@@ -71,6 +79,7 @@ def main() -> None:
                 total += loss.detach() / args.gas
             dist.all_reduce(total)
             losses.append(float(total) / world)
+        traffic = dict(dsc.runtime.collectives.traffic)
         state = compiled.full_state_dict()
         report = compiled.report()
         layout = report["ranks"][0]
@@ -78,14 +87,18 @@ def main() -> None:
         results[stage] = {"losses": losses, "state": state, "memory": compiled.memory_bytes(),
                           "analytic": layout["memory"], "lr": compiled.get_lr(), "skipped": compiled.engine.skipped_steps,
                           "scale": compiled.engine.scaler.cur_scale,
-                          "numel": sum(p.numel() for p in model.parameters() if p.numel()) if stage < 3
+                          "numel": sum(p.numel() for p in model.parameters() if p.numel()) if stage < 3 and args.tp == 1
                           else sum(b["elements"] for b in buckets),
-                          "padded": sum(b["padded"] for b in buckets), "buckets": len(buckets)}
+                          "padded": sum(b["padded"] for b in buckets), "buckets": len(buckets),
+                          "traffic": traffic, "collectives": layout["collectives"], "report": report}
         # every rank must hold the same full parameters after the all-gather
         flat = torch.cat([v.reshape(-1).float() for v in state.values()])
         ref = flat.clone()
         dist.broadcast(ref, 0)
-        assert torch.equal(flat, ref), f"rank {rank}: parameters differ from rank 0 after stage {stage}"
+        if not torch.equal(flat, ref):
+            sizes = [v.numel() for v in state.values()]
+            bad = [k for k, a, b in zip(state, flat.split(sizes), ref.split(sizes)) if not torch.equal(a, b)]
+            raise AssertionError(f"rank {rank}: parameters differ from rank 0 after stage {stage}: {bad}")
         all_mem = [None] * world
         dist.all_gather_object(all_mem, results[stage]["memory"])
         results[stage]["memory_all_ranks"] = all_mem

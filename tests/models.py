@@ -16,9 +16,16 @@ sys.path.insert(0, str(ROOT / "examples"))
 VOCAB, SEQ = 97, 12
 
 
-def _tokens(n: int, seed: int, vocab: int = VOCAB, seq: int = SEQ) -> torch.Tensor:
+def _tokens(n: int, seed: int, seq: int = SEQ) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (n, seq + 1), generator=g)
+    return torch.randint(0, VOCAB, (n, seq + 1), generator=g)
+
+
+def set_vocab(n: int) -> None:
+    """Vocabulary of every model built (and token drawn) from now on: 97 (prime) exercises
+    ZeRO padding; tensor-parallel runs use one divisible by tp (vocabulary-parallel embedding)."""
+    global VOCAB
+    VOCAB = n
 
 
 def gpt():
@@ -40,11 +47,11 @@ def hf_gpt2():
     return GPT2LMHeadModel(cfg)
 
 
-def hf_llama():
+def hf_llama(heads: int = 4, kv_heads: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+    cfg = LlamaConfig(num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads, hidden_size=32,
                       intermediate_size=48, vocab_size=VOCAB, max_position_embeddings=64, use_cache=False,
                       bos_token_id=0, eos_token_id=0, pad_token_id=0)
     return LlamaForCausalLM(cfg)
@@ -68,6 +75,8 @@ MODELS = {
     "gpt": (gpt, gpt_batch),
     "hf_gpt2": (hf_gpt2, hf_batch),
     "hf_llama": (hf_llama, hf_batch),
+    # grouped-query attention with 4 kv heads (8 query heads): divides by tp=4
+    "hf_llama_kv4": (lambda: hf_llama(heads=8, kv_heads=4), hf_batch),
     "hf_bert": (hf_bert, hf_batch),
 }
 

@@ -85,7 +85,7 @@ def test_error_messages(plan_dict, path, needles):
     assert "pydantic" not in str(err) and "For further information" not in str(err)
 
 
-@pytest.mark.parametrize("section", ["tensor_parallel", "pipeline", "moe", "quantization",
+@pytest.mark.parametrize("section", ["pipeline", "moe", "quantization",
                                      "pruning", "fusion", "checkpoint"])
 def test_reserved_sections_rejected(section):
     [problem] = errors_of({section: {"enabled": True}}).problems
