@@ -57,13 +57,20 @@ def explain(report: dict[str, Any]) -> str:
         out.append(f"  {p['name']:<20} {p['summary']}")
         for d in p["declined"]:
             out.append(f"  {'':<20}   declined {d['what']}: {d['reason']}")
+    tp = next((p for p in report["passes"] if p["name"] == "shard_tensor_parallel"), None)
+    if tp is not None:
+        out.append("")
+        out.append("tensor-parallel modules (rank 0's table; every rank decides the same):")
+        for module, v in tp["details"]["modules"].items():
+            out.append(f"  {module:<48} {v['style']:<9} {v['why']}")
     out.append("")
-    head = f"  {'rank':>4}  {'params':>12}  {'grads':>12}  {'optimizer':>12}  {'activations':>12}  {'comm/step':>12}"
+    head = f"  {'rank':>4}  {'coords':>10}  {'params':>12}  {'grads':>12}  {'optimizer':>12}  {'activations':>12}  {'comm/step':>12}"
     out.append("per-rank memory and communication:")
     out.append(head)
     for r in report["ranks"]:
         m = r["memory"]
-        out.append(f"  {r['rank']:>4}  {_mib(m['params_bytes']):>12}  {_mib(m['grads_bytes']):>12}  "
+        coords = ",".join(f"{k}{v}" for k, v in r.get("coords", {}).items())
+        out.append(f"  {r['rank']:>4}  {coords:>10}  {_mib(m['params_bytes']):>12}  {_mib(m['grads_bytes']):>12}  "
                    f"{_mib(m['optimizer_bytes']):>12}  {_mib(m['activations_bytes']):>12}  "
                    f"{_mib(r['comm_bytes_per_step']):>12}")
     out.append("  (activations: upper bound, every forward intermediate kept for backward; "
