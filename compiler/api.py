@@ -46,7 +46,8 @@ def tp_gather(local: torch.Tensor, info: dict, tp: int) -> torch.Tensor:
     dim, segments = info["dim"], info["segments"]
     parts = all_gather_dim(local.contiguous(), dim, "tp", tp).split([s // tp for s in segments] * tp, dim)
     n = len(segments)  # parts are rank-major: rank r holds its piece of every segment, in order
-    return torch.cat([parts[r * n + i] for i in range(n) for r in range(tp)], dim)
+    whole = torch.cat([parts[r * n + i] for i in range(n) for r in range(tp)], dim)
+    return whole.narrow(dim, 0, info["size"]) if info.get("size") is not None else whole
 
 
 class _WithLoss(nn.Module):

@@ -77,13 +77,18 @@ class Shard:
 
     dim: int
     segments: tuple[int, ...]
+    size: int | None = None  # the real size when the one segment is padded to a multiple of tp
 
     def local(self, tp: int) -> int:
         return sum(s // tp for s in self.segments)
 
+    def at(self, dim: int) -> "Shard":
+        return Shard(dim, self.segments, self.size)
+
     def text(self) -> str:
         segs = "" if len(self.segments) == 1 else f" in {len(self.segments)} segments"
-        return f"Shard({self.dim}{segs})"
+        pad = f", {self.size} padded to {self.segments[0]}" if self.size is not None else ""
+        return f"Shard({self.dim}{segs}{pad})"
 
 
 @dataclass
@@ -321,11 +326,17 @@ class _Propagation:
                                 f"{self.param_origin[name]} and as {shard.text()} by {site.module}",
                                 {self.param_origin[name], site.module})
         for seg in shard.segments:
-            if seg % self.tp:
+            if seg % self.tp and shard.size is None:
                 raise ShardingError(node, f"{site.module}: dimension {shard.dim} of {name} has size {seg}, "
                                     f"which does not divide by tensor_parallel.size {self.tp}", {site.module})
         self.params[name] = shard
         self.param_origin[name] = site.module
+
+    def vocab_shard(self, dim: int, vocab: int) -> Shard:
+        """A vocabulary dimension: padded (Megatron-style) to a multiple of tp when it does not divide;
+        padded rows are zero, never looked up, and masked out of the loss and the gathered logits."""
+        padded = -(-vocab // self.tp) * self.tp
+        return Shard(dim, (padded,), vocab if padded != vocab else None)
 
     def segments_after(self, node: torch.fx.Node, size: int) -> tuple[int, ...]:
         """Segments of a column-parallel output: the sizes of a split on its last dimension."""
@@ -385,7 +396,7 @@ class _Propagation:
             ids = node.args[1]
             if isinstance(self.P(ids), Shard):
                 self.fail(node, "embedding indices are sharded", ids)
-            self.shard_param(s.weight, Shard(0, (s.out_features,)), s, node)
+            self.shard_param(s.weight, self.vocab_shard(0, s.out_features), s, node)
             self.set(node, None)
             self.actions.append(("vocab_embedding", s))
             return
@@ -397,11 +408,14 @@ class _Propagation:
             if isinstance(xp, Shard):
                 self.fail(node, f"{s.module} is {s.style} but its input is already sharded ({xp.text()}); "
                           "its input must be replicated", x)
-            segs = self.segments_after(node, s.out_features) if s.style == "colwise" else (s.out_features,)
-            self.shard_param(s.weight, Shard(wdim_out, segs), s, node)
+            if s.style == "colwise":
+                shard = Shard(out_nd - 1, self.segments_after(node, s.out_features))
+            else:
+                shard = self.vocab_shard(out_nd - 1, s.out_features)
+            self.shard_param(s.weight, shard.at(wdim_out), s, node)
             if s.bias:
-                self.shard_param(s.bias, Shard(0, segs), s, node)
-            self.place[node] = Shard(out_nd - 1, segs)
+                self.shard_param(s.bias, shard.at(0), s, node)
+            self.place[node] = shard
             self.origin[node] = frozenset({s.module})
             self.actions.append(("colwise", s))
         elif s.style == "rowwise":
@@ -410,7 +424,9 @@ class _Propagation:
                 what = "replicated" if xp is None else xp.text()
                 self.fail(node, f"{s.module} is rowwise, so its input must be sharded on the last (feature) "
                           f"dimension, but it is {what}; make the layer(s) feeding it colwise", x)
-            self.shard_param(s.weight, Shard(wdim_in, xp.segments), s, node)
+            if xp.size is not None:
+                self.fail(node, f"{s.module} reads a padded vocabulary dimension", x)
+            self.shard_param(s.weight, xp.at(wdim_in), s, node)
             self.set(node, None, x)
             self.actions.append(("rowwise", s))
         else:
@@ -438,31 +454,31 @@ class _Propagation:
         if t is aten.expand.default:
             k = s.dim + (len(args[1]) - _val(x).dim())
             if args[1][k] != -1:
-                self.patch_list(node, 1, k, s.local(self.tp))
-            self.set(node, Shard(k, s.segments), x)
+                self.patch_list(node, 1, k, s.local(self.tp))  # (padded shards: the local size too)
+            self.set(node, s.at(k), x)
             return
         if t is aten.transpose.int:
             nd = _val(x).dim()
             d0, d1 = args[1] % nd, args[2] % nd
             dim = d1 if s.dim == d0 else d0 if s.dim == d1 else s.dim
-            self.set(node, Shard(dim, s.segments), x)
+            self.set(node, s.at(dim), x)
             return
         if t is aten.permute.default:
             dims = [d % _val(x).dim() for d in args[1]]
-            self.set(node, Shard(dims.index(s.dim), s.segments), x)
+            self.set(node, s.at(dims.index(s.dim)), x)
             return
         if t is aten.t.default:
-            self.set(node, Shard(1 - s.dim, s.segments), x)
+            self.set(node, s.at(1 - s.dim), x)
             return
         if t is aten.unsqueeze.default:
             d = args[1] % out.dim()
-            self.set(node, Shard(s.dim + 1 if d <= s.dim else s.dim, s.segments), x)
+            self.set(node, s.at(s.dim + 1 if d <= s.dim else s.dim), x)
             return
         if t in (aten.squeeze.dim, aten.select.int):
             d = args[1] % _val(x).dim()
             if d == s.dim:
                 self.fail(node, "selects along the sharded dimension", x)
-            self.set(node, Shard(s.dim - 1 if d < s.dim else s.dim, s.segments), x)
+            self.set(node, s.at(s.dim - 1 if d < s.dim else s.dim), x)
             return
         if t is aten.slice.Tensor:
             d = (args[1] if len(args) > 1 else 0) % _val(x).dim()
@@ -476,8 +492,8 @@ class _Propagation:
             if d != s.dim:
                 self.set(node, [s] * len(out), x)
                 return
-            if t is aten.chunk.default:
-                self.fail(node, "chunks the sharded dimension (use split)", x)
+            if t is aten.chunk.default or s.size is not None:
+                self.fail(node, "chunks the sharded dimension (use split), or splits a padded one", x)
             pieces, segs, i = [], list(s.segments), 0
             for v in out:
                 need, got = int(v.shape[d]), []
@@ -531,7 +547,7 @@ class _Propagation:
             keep = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
             if s.dim in dims:
                 self.fail(node, "reduces over the sharded dimension", x)
-            self.set(node, Shard(s.dim if keep else s.dim - sum(d < s.dim for d in dims), s.segments), x)
+            self.set(node, s.at(s.dim if keep else s.dim - sum(d < s.dim for d in dims)), x)
             return
         if t is aten.layer_norm.default:
             k = len(args[1])
@@ -547,10 +563,10 @@ class _Propagation:
             na, nb = _val(a).dim(), _val(b).dim()
             if isinstance(pa, Shard) and isinstance(pb, Shard) and pa.dim < na - 2 and \
                     na - pa.dim == nb - pb.dim and pa.segments == pb.segments:
-                self.set(node, Shard(pa.dim + out.dim() - na, pa.segments), a, b)
+                self.set(node, pa.at(pa.dim + out.dim() - na), a, b)
                 return
             if isinstance(pa, Shard) and pb is None and pa.dim < na - 1 and nb == 2:
-                self.set(node, Shard(pa.dim, pa.segments), a)  # x[..., k] @ W[k, n], W replicated
+                self.set(node, pa.at(pa.dim), a)  # x[..., k] @ W[k, n], W replicated
                 return
             self.fail(node, "matrix product of sharded values that dsc cannot keep local", a, b)
         if t is aten.linear.default:  # replicated weight applied to a tensor sharded on a batch dim
@@ -582,16 +598,16 @@ class _Propagation:
         p = 1
         for k in gb:
             if p == prefix and b[k] > 1:
-                if len(s.segments) > 1 and b[k] != a[s.dim]:
-                    self.fail(node, f"reshapes a dimension made of {len(s.segments)} segments "
+                if (len(s.segments) > 1 or s.size is not None) and b[k] != a[s.dim]:
+                    self.fail(node, f"reshapes a dimension made of {len(s.segments)} segment(s) or padded "
                               f"({list(a)} -> {list(b)})", x)
-                segs = s.segments if b[k] == a[s.dim] else (b[k],)
-                if any(g % self.tp for g in segs):
+                out = s.at(k) if b[k] == a[s.dim] else Shard(k, (b[k],))
+                if out.size is None and any(g % self.tp for g in out.segments):
                     self.fail(node, f"reshape {list(a)} -> {list(b)}: dimension {k} of size {b[k]} does not "
                               f"divide by tensor_parallel.size {self.tp}", x)
                 if sizes[k] != -1:
-                    self.patch_list(node, 1, k, b[k] // self.tp)
-                return Shard(k, segs)
+                    self.patch_list(node, 1, k, out.local(self.tp))
+                return out
             p *= b[k]
         self.fail(node, f"reshape {list(a)} -> {list(b)} splits the sharded dimension {s.dim} "
                   "in a way that is not a whole block per rank", x)
@@ -616,7 +632,7 @@ class _Propagation:
         for where, y in tensors:
             if self.P(y) is None and isinstance(_val(y), torch.Tensor):
                 self.broadcast_input(node, y, where, dim, shard, nd)
-        self.set(node, Shard(dim, shard.segments), *[y for _, y in tensors])
+        self.set(node, shard.at(dim), *[y for _, y in tensors])
 
     def broadcast_input(self, node, y, where, dim, shard: Shard, nd: int):
         """A replicated operand of a sharded op: fine where it broadcasts along the sharded
@@ -625,8 +641,8 @@ class _Propagation:
         k = dim - (nd - v.dim())
         if k < 0 or v.shape[k] == 1:
             return
-        if len(shard.segments) > 1:
-            self.fail(node, f"a replicated operand ({y.name}) would need a slice of a segmented shard", y)
+        if len(shard.segments) > 1 or shard.size is not None:
+            self.fail(node, f"a replicated operand ({y.name}) would need a slice of a segmented or padded shard", y)
         self.actions.append(("slice_input", node, where, y, k, shard))
 
     def cross_entropy(self, node):
@@ -667,6 +683,9 @@ def _local_shape(v: torch.Tensor, s: Shard, tp: int) -> list[int]:
 
 def local_slice(t: torch.Tensor, s: Shard, tp: int, rank: int) -> torch.Tensor:
     """This rank's part of a whole tensor `t` placed as `s` (its part of every segment)."""
+    if s.size is not None:  # padded: zero rows after the real ones
+        pad = [0, 0] * (t.dim() - s.dim - 1) + [0, s.segments[0] - s.size]
+        t = torch.nn.functional.pad(t, pad)
     parts, start = [], 0
     for seg in s.segments:
         n = seg // tp
@@ -760,7 +779,7 @@ def _apply(gm: torch.fx.GraphModule, prop: _Propagation, tp: int, rank: int) -> 
             node = s.node
             w, ids = node.args[:2]
             pad = node.args[2] if len(node.args) > 2 else -1
-            n = s.out_features // tp
+            n = -(-s.out_features // tp)  # padded vocabularies: every rank holds the same row count
             lo, hi = rank * n, (rank + 1) * n
             v = node.meta["val"]
             iv = ids.meta["val"]
@@ -788,8 +807,9 @@ def _apply(gm: torch.fx.GraphModule, prop: _Propagation, tp: int, rank: int) -> 
             logits, target = node.args[:2]
             n = s.segments[0] // tp
             with graph.inserting_before(node):
+                vocab = s.size if s.size is not None else s.segments[0]
                 per = graph.call_function(dsc.vocab_parallel_cross_entropy.default,
-                                          (logits, target, rank * n, ignore, GROUP, tp))
+                                          (logits, target, rank * n, vocab, ignore, GROUP, tp))
                 per.meta["val"] = _meta(target.meta["val"], dtype=torch.float32)
                 if reduction == 0:
                     out = per
@@ -826,12 +846,15 @@ def _apply(gm: torch.fx.GraphModule, prop: _Propagation, tp: int, rank: int) -> 
         elif kind == "gather_output":
             _, x, s = action
             out_node = next(n for n in graph.nodes if n.op == "output")
-            with graph.inserting_before(out_node):
-                g = graph.call_function(dsc.all_gather_dim.default, (x, s.dim, GROUP, tp))
-            g.meta["val"] = _meta(x.meta["val"], _local_shape(x.meta["val"], s, 1))
             shape = list(x.meta["val"].shape)
             shape[s.dim] *= tp
-            g.meta["val"] = _meta(x.meta["val"], shape)
+            with graph.inserting_before(out_node):
+                g = graph.call_function(dsc.all_gather_dim.default, (x, s.dim, GROUP, tp))
+                g.meta["val"] = _meta(x.meta["val"], shape)
+                if s.size is not None:  # drop the padding columns
+                    g = graph.call_function(aten.narrow.default, (g, s.dim, 0, s.size))
+                    shape[s.dim] = s.size
+                    g.meta["val"] = _meta(x.meta["val"], shape)
             out_node.args = torch.utils._pytree.tree_map(lambda a: g if a is x else a, out_node.args)
             counts["all_gather_dim"] += 1
     graph.lint()
@@ -868,7 +891,7 @@ def shard_tensor_parallel(gm: torch.fx.GraphModule, ctx: CompileContext) -> Pass
                     if s.module in g and s.module not in dec.explicit:
                         s.style, s.why = "replicate", f"auto: declined ({err.reason} at node {err.node.name})"
                 declined.append({"what": ", ".join(sorted(g)), "reason": f"replicated: {err}"})
-    layout = {name: {"dim": s.dim, "segments": list(s.segments)} for name, s in prop.params.items()}
+    layout = {name: {"dim": s.dim, "segments": list(s.segments), "size": s.size} for name, s in prop.params.items()}
     table = {}
     for s in sites:
         table.setdefault(s.module, {"style": s.style, "kind": s.kind, "why": s.why,

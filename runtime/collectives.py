@@ -245,12 +245,13 @@ all_gather_dim.register_autograd(_all_gather_dim_backward, setup_context=_all_ga
 
 
 @torch.library.custom_op("dsc::vocab_parallel_cross_entropy", mutates_args=())
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_start: int,
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, vocab_size: int,
                                  ignore_index: int, group: str, world: int) -> torch.Tensor:
     """Per-row cross-entropy of logits whose class dimension (dim 1 of [N, V/world]) is sharded:
-    this rank holds classes [vocab_start, vocab_start + V/world). Three all-reduces of N numbers
-    (max, sum of exponentials, target logit) replace gathering N x V logits. Ignored rows get 0."""
-    x = logits.float()
+    this rank holds classes [vocab_start, vocab_start + V/world); classes >= `vocab_size` are
+    padding and take no part. Three all-reduces of N numbers (max, sum of exponentials, target
+    logit) replace gathering N x V logits. Ignored rows get 0."""
+    x = _mask_padding(logits.float(), vocab_start, vocab_size)
     local_v = x.shape[1]
     with torch.no_grad():
         top = x.max(dim=1).values
@@ -271,8 +272,16 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, voc
     return (sums.log() - picked) * (target != ignore_index)
 
 
+def _mask_padding(x: torch.Tensor, vocab_start: int, vocab_size: int) -> torch.Tensor:
+    real = vocab_size - vocab_start
+    if real < x.shape[1]:
+        x = x.clone()
+        x[:, max(real, 0):] = float("-inf")
+    return x
+
+
 @vocab_parallel_cross_entropy.register_fake
-def _(logits, target, vocab_start, ignore_index, group, world):
+def _(logits, target, vocab_start, vocab_size, ignore_index, group, world):
     return logits.new_empty(logits.shape[0], dtype=torch.float32)
 
 
@@ -282,9 +291,9 @@ def _vocab_ce_setup(ctx, inputs, output):
 
 
 def _vocab_ce_backward(ctx, grad):
-    logits, target, start, ignore, group, world = ctx.inputs
+    logits, target, start, vocab_size, ignore, group, world = ctx.inputs
     with torch.no_grad():  # recompute softmax (cheaper in memory than saving N x V/world floats)
-        x = logits.float()
+        x = _mask_padding(logits.float(), start, vocab_size)
         top = x.max(dim=1).values
         if world > 1:
             _count("vocab_parallel_cross_entropy.backward", top, world)
@@ -300,7 +309,7 @@ def _vocab_ce_backward(ctx, grad):
         rows = torch.nonzero(mine)[:, 0]
         g[rows, local[rows]] -= 1.0
         g *= ((target != ignore) * grad)[:, None]
-    return g.to(ctx.dtype), None, None, None, None, None
+    return g.to(ctx.dtype), None, None, None, None, None, None
 
 
 vocab_parallel_cross_entropy.register_autograd(_vocab_ce_backward, setup_context=_vocab_ce_setup)

@@ -76,20 +76,40 @@ def test_auto_rules_shard_unseen_transformers(model_name):
     assert rec["declined"] == []
 
 
-@pytest.mark.parametrize("model_name,tp", [("gpt", 2), ("hf_llama", 2), ("hf_llama_kv4", 4), ("hf_bert", 4)])
-def test_report_parameter_bytes_equal_analytic_shards(model_name, tp):
+@pytest.mark.parametrize("model_name,tp,vocab", [("gpt", 2, 96), ("hf_llama", 2, 96), ("hf_llama_kv4", 4, 96),
+                                                 ("hf_bert", 4, 96), ("hf_gpt2", 4, 97)])
+def test_report_parameter_bytes_equal_analytic_shards(model_name, tp, vocab):
+    models.set_vocab(vocab)
     """Each rank's parameter bytes: replicated parameters whole, sharded ones / tp (fp32)."""
     model, programs = compile_all(model_name, tp)
     layout = programs[0].artifacts["tp_layout"]
     whole = dict(model.named_parameters())  # tied weights once
-    sharded = sum(whole[n].numel() for n in layout)
+    sharded = 0
+    for name, info in layout.items():  # a vocabulary that does not divide is padded to a multiple of tp
+        shape = list(whole[name].shape)
+        shape[info["dim"]] = -(-shape[info["dim"]] // tp) * tp
+        sharded += torch.Size(shape).numel()
     replicated = sum(p.numel() for n, p in whole.items() if n not in layout)
     for prog in programs:
         mem = prog.rank_report()["memory"]
         assert mem["params_bytes"] == 4 * (replicated + sharded // tp)
         for name, info in layout.items():
             local = prog.gm.get_parameter(name)
-            assert local.shape[info["dim"]] * tp == whole[name].shape[info["dim"]]
+            assert local.shape[info["dim"]] * tp == -(-whole[name].shape[info["dim"]] // tp) * tp
+
+
+def test_vocabulary_that_does_not_divide_is_padded():
+    """97 tokens on tp=2: each rank holds 49 rows (the last one a zero row on rank 1)."""
+    models.set_vocab(97)
+    model, programs = compile_all("gpt", 2)
+    wte = model.wte.weight.detach()
+    for r, prog in enumerate(programs):
+        local = prog.gm.get_parameter("wte.weight")
+        assert local.shape == (49, 32)
+        real = wte[r * 49:(r + 1) * 49]
+        assert torch.equal(local[:len(real)], real) and not local[len(real):].any()
+    styles = {m: v["style"] for m, v in tp_record(programs[0])["details"]["modules"].items()}
+    assert styles["wte"] == styles["lm_head"] == "vocab"
 
 
 def test_local_shards_are_the_ranks_slices_of_a_fused_qkv():
@@ -172,11 +192,11 @@ def test_deepspeed_autotp_size_translates():
 # -- training parity on real ranks ------------------------------------------------------------------
 
 
-def run_tp(tmp_path, model_name: str, world: int, tp: int, stages: str):
+def run_tp(tmp_path, model_name: str, world: int, tp: int, stages: str, vocab: int = VOCAB):
     out = tmp_path / f"{model_name}_{world}_{tp}.pt"
     dsc_run(world, TESTS / "dist_worker.py", "--model", model_name, "--stages", stages, "--steps", str(STEPS),
             "--micro", str(MICRO), "--gas", str(GAS), "--lr", str(LR), "--clip", str(CLIP), "--tp", str(tp),
-            "--vocab", str(VOCAB), "--out", str(out))
+            "--vocab", str(vocab), "--out", str(out))
     return torch.load(out, weights_only=False)
 
 
@@ -189,16 +209,18 @@ def assert_traffic_matches_report(res: dict) -> None:
     assert expected and res["traffic"] == expected
 
 
-PARITY = [("gpt", 2), ("gpt", 4), ("hf_gpt2", 2), ("hf_gpt2", 4), ("hf_llama", 2), ("hf_llama_kv4", 4),
-          ("hf_bert", 2), ("hf_bert", 4)]
+PARITY = [("gpt", 2, 96), ("gpt", 4, 96), ("hf_gpt2", 2, 96), ("hf_gpt2", 4, 97), ("hf_llama", 2, 96),
+          ("hf_llama_kv4", 4, 96), ("hf_bert", 2, 97), ("hf_bert", 4, 96)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_name,tp", PARITY, ids=[f"{m}-tp{t}" for m, t in PARITY])
-def test_tensor_parallel_training_matches_eager(tmp_path, model_name, tp):
+@pytest.mark.parametrize("model_name,tp,vocab", PARITY, ids=[f"{m}-tp{t}-v{v}" for m, t, v in PARITY])
+def test_tensor_parallel_training_matches_eager(tmp_path, model_name, tp, vocab):
+    """Vocabulary 96 divides; 97 is padded to a multiple of tp (padding masked out of the loss)."""
+    models.set_vocab(vocab)
     ref_losses, ref_state, ref_norms, noise = eager_reference(model_name, 1)
     assert max(ref_norms) > CLIP
-    res = run_tp(tmp_path, model_name, tp, tp, "0")[0]
+    res = run_tp(tmp_path, model_name, tp, tp, "0", vocab)[0]
     torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
     assert_params_close(res["state"], ref_state, noise, f"tp={tp} {model_name}")
     assert_traffic_matches_report(res)
