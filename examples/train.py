@@ -9,6 +9,10 @@ ds_config.json too (--config examples/ds_config.json), ZeRO-3 + bf16
 
     dsc run --nproc 2 examples/train.py --steps 10 --checkpoint ckpt
     dsc run --nproc 4 examples/train.py --steps 10 --resume ckpt   # resumes at step 10 on 4 ranks
+
+Tensor parallelism (tp=2 inside each of 2 data-parallel replicas, ZeRO-1 over dp):
+
+    dsc run --nproc 4 examples/train.py --config examples/plan_tp.json --steps 10
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ def main() -> None:
     x, y = global_batch()
     compiled = dsc.compile(model, args.config, example_inputs=(x[:micro], y[:micro]))
     rank, world = compiled.rank, compiled.world_size
+    tp = compiled.plan.tensor_parallel.size  # tensor-parallel ranks (adjacent) share a batch
+    dp, dp_rank = world // tp, rank // tp
     first = 0
     if args.resume:
         compiled.load_checkpoint(args.resume)
@@ -60,12 +66,12 @@ def main() -> None:
             global_batch()
     if rank == 0:
         print(compiled.explain(), flush=True)
-        print(f"\ntraining {args.steps} steps on {world} rank(s): micro {micro} x accumulation {gas} x dp {world}",
-              flush=True)
+        print(f"\ntraining {args.steps} steps on {world} rank(s): micro {micro} x accumulation {gas} x dp {dp}"
+              + (f" (x tp {tp})" if tp > 1 else ""), flush=True)
     for step in range(first, first + args.steps):
         t0 = time.perf_counter()
         x, y = global_batch()
-        mine = slice(rank * micro * gas, (rank + 1) * micro * gas)
+        mine = slice(dp_rank * micro * gas, (dp_rank + 1) * micro * gas)
         total = torch.zeros(())
         for xm, ym in zip(x[mine].split(micro), y[mine].split(micro)):
             loss = compiled(xm, ym)

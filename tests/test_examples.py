@@ -39,3 +39,17 @@ def test_zero3_bf16_example_checkpoints_on_2_ranks_and_resumes_on_4(tmp_path):
     assert steps == [7, 8, 9], second.stdout[-2000:]
     losses = [float(m) for m in re.findall(r"^step +\d+ +loss ([\d.]+)", first.stdout + second.stdout, re.M)]
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.slow
+def test_tensor_parallel_example_trains_on_tp2_x_dp2_and_saves_a_plain_state_dict(tmp_path):
+    from gpt import build_model
+
+    saved = tmp_path / "model.pt"
+    out = dsc_run(4, ROOT / "examples" / "train.py", "--config", str(ROOT / "examples" / "plan_tp.json"),
+                  "--steps", "12", "--save", str(saved))
+    assert "x dp 2 (x tp 2)" in out.stdout and "tensor-parallel modules" in out.stdout
+    losses = [float(m) for m in re.findall(r"^step +\d+ +loss ([\d.]+)", out.stdout, re.M)]
+    assert len(losses) == 12 and losses[-1] < losses[0] - 0.3, losses
+    model = build_model(seed=5)
+    model.load_state_dict(torch.load(saved))  # the padded vocabulary rows are gone
