@@ -23,6 +23,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_dp.py
 	$(BIN)/python benchmarks/bench_zero.py
+	$(BIN)/python benchmarks/bench_tp.py
 
 clean:
 	rm -rf $(VENV) dsc_out .pytest_cache

@@ -64,6 +64,13 @@ class ShardingError(RuntimeError):
         super().__init__(f"tensor_parallel: node '{node.name}' ({_op_name(node)}){where}: {reason}{mods}")
 
 
+def _would_work(n: int) -> str:
+    sizes = [d for d in range(2, n + 1) if n % d == 0][:6]
+    return (f"tensor_parallel.size {' or '.join(map(str, sizes))} would divide it, or replicate the module "
+            "(tensor_parallel.rules {\"<module>\": \"replicate\"})") if sizes else \
+        "replicate the module (tensor_parallel.rules {\"<module>\": \"replicate\"})"
+
+
 def _op_name(node: torch.fx.Node) -> str:
     t = node.target
     return getattr(t, "__name__", str(t)) if node.op == "call_function" else node.op
@@ -328,7 +335,8 @@ class _Propagation:
         for seg in shard.segments:
             if seg % self.tp and shard.size is None:
                 raise ShardingError(node, f"{site.module}: dimension {shard.dim} of {name} has size {seg}, "
-                                    f"which does not divide by tensor_parallel.size {self.tp}", {site.module})
+                                    f"which does not divide by tensor_parallel.size {self.tp}; {_would_work(seg)}",
+                                    {site.module})
         self.params[name] = shard
         self.param_origin[name] = site.module
 
@@ -603,8 +611,8 @@ class _Propagation:
                               f"({list(a)} -> {list(b)})", x)
                 out = s.at(k) if b[k] == a[s.dim] else Shard(k, (b[k],))
                 if out.size is None and any(g % self.tp for g in out.segments):
-                    self.fail(node, f"reshape {list(a)} -> {list(b)}: dimension {k} of size {b[k]} does not "
-                              f"divide by tensor_parallel.size {self.tp}", x)
+                    self.fail(node, f"reshape {list(a)} -> {list(b)}: dimension {k} of size {b[k]} (e.g. a head "
+                              f"count) does not divide by tensor_parallel.size {self.tp}; {_would_work(b[k])}", x)
                 if sizes[k] != -1:
                     self.patch_list(node, 1, k, out.local(self.tp))
                 return out

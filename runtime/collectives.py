@@ -10,6 +10,10 @@ gives it (`ProcessGroup.group_name`), because custom ops take strings, not group
 | dsc::all_reduce       | same as input         | identity (the caller decides) |
 | dsc::reduce_scatter   | input.numel() / world | all_gather of the gradient    |
 | dsc::all_gather       | input.numel() * world | reduce_scatter (sum)          |
+| dsc::copy_to_tp       | same as input (copy)  | all_reduce of the gradient    |
+| dsc::tp_all_reduce    | same as input (sum)   | identity                      |
+| dsc::all_gather_dim   | concatenated on `dim` | this rank's slice             |
+| dsc::vocab_parallel_cross_entropy | per-row loss | softmax - one-hot, local   |
 
 `world == 1` short-circuits to a copy, so a single-process run needs no process group.
 """
