@@ -156,7 +156,7 @@ class CompiledModel(nn.Module):
         args = (layout, make_opt, make_sched, groups["dp"], plan.batch.gradient_accumulation_steps,
                 plan.gradient_clipping)
         self._engine = Zero3Engine(gm, params, *args) if layout.stage == 3 else ZeroEngine(params, *args)
-        self._engine.set_tensor_parallel(set(tp_layout), groups["tp"], plan.tensor_parallel.size)
+        self._engine.set_tensor_parallel(tp_layout, groups["tp"], plan.tensor_parallel.size)
         self._engine.scaler = build_loss_scaler(plan.precision)
         if isinstance(self._engine, Zero3Engine) and plan.precision.dtype != "fp32":
             self._engine.gather_dtype = DTYPES[plan.precision.dtype]
@@ -287,24 +287,17 @@ class CompiledModel(nn.Module):
         number of ranks and any ZeRO stage (`load_checkpoint`); `dsc checkpoint consolidate`
         turns it into one plain state_dict.
         """
-        self._no_tp_checkpoints()
         aliases, other = self._state_names()
         return save_checkpoint(self.engine, other, aliases, self._plan, directory, tag)
 
     def load_checkpoint(self, directory, tag: str | None = None) -> None:
         """Load a checkpoint saved by `save_checkpoint` (any world size or stage; default: latest)."""
-        self._no_tp_checkpoints()
         _, other = self._state_names()
         buffers = load_checkpoint(self.engine, directory, tag)
         with torch.no_grad():
             for key, value in buffers.items():
                 if key in other:
                     other[key].copy_(value)
-
-    def _no_tp_checkpoints(self) -> None:
-        if self._plan.tensor_parallel.size > 1:
-            raise NotImplementedError("checkpoints of tensor-parallel runs are not supported yet; save "
-                                      "compiled.full_state_dict() (every rank calls it) from rank 0 instead")
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full parameters and buffers under the original model's state_dict keys (copies).

@@ -13,7 +13,9 @@ naming the previous complete checkpoint.
 
 Resharding: parameters and Adam/SGD state are element-wise aligned, so any layout can be rebuilt
 from the saved chunks: each bucket is the concatenation of its chunks in rank order, and each
-parameter a slice of its bucket. Loading rebuilds whole tensors by parameter name and cuts out
+parameter a slice of its bucket. Under tensor parallelism every tensor-parallel rank has its own
+buckets (of its local slices): the whole parameter is the concatenation of the tp ranks' slices
+(per segment, padding dropped), as recorded in meta.json's `tp_layout`. Loading rebuilds whole tensors by parameter name and cuts out
 what this rank owns in its own layout. (Loading reads every rank's file, so one rank briefly holds
 the whole model state; torch.distributed.checkpoint would read only the needed ranges, but our
 shards are bucket chunks that cross parameter boundaries, which DCP cannot describe without
@@ -52,7 +54,8 @@ def save_checkpoint(engine, model_state: dict[str, torch.Tensor], aliases: dict[
     root = Path(directory)
     tag = tag or f"step{engine.global_step}"
     partial = root / f"{tag}.partial"
-    if engine.rank == 0:
+    me = _global_rank()
+    if me == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
@@ -64,16 +67,17 @@ def save_checkpoint(engine, model_state: dict[str, torch.Tensor], aliases: dict[
         shards.append({"param": sp.detach().clone(),
                        "state": {k: v.detach().clone() for k, v in state.items() if k in STATE_KEYS},
                        "step": float(state["step"]) if "step" in state else None})
-    payload = {"version": VERSION, "rank": engine.rank, "shards": shards,
+    payload = {"version": VERSION, "rank": me, "shards": shards,
                "scheduler": engine.scheduler.state_dict() if engine.scheduler is not None else None,
                "global_step": engine.global_step, "micro_step": engine.micro_step,
                "loss_scaler": engine.scaler.state_dict(), "skipped_steps": engine.skipped_steps,
                "rng": torch.get_rng_state()}
-    if engine.rank == 0:
+    if me == 0:
         payload["buffers"] = {k: v.detach().clone() for k, v in model_state.items()}
-    _atomic_write(partial / f"rank{engine.rank}.pt", lambda p: torch.save(payload, p))
-    if engine.rank == 0:
+    _atomic_write(partial / f"rank{me}.pt", lambda p: torch.save(payload, p))
+    if me == 0:
         meta = {"version": VERSION, "stage": layout.stage, "dp": layout.dp, "shards": layout.shards,
+                "tp": engine.tp, "tp_layout": engine.tp_layout,
                 "buckets": [{"index": b.index, "padded": b.padded, "chunk": b.chunk,
                              "slots": [[s.name, list(s.shape), s.numel, s.offset] for s in b.slots]}
                             for b in layout.buckets],
@@ -82,7 +86,7 @@ def save_checkpoint(engine, model_state: dict[str, torch.Tensor], aliases: dict[
         _atomic_write(partial / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
     _barrier()
     final = root / tag
-    if engine.rank == 0:
+    if me == 0:
         old = root / f"{tag}.old"
         if final.exists():
             os.replace(final, old)
@@ -91,6 +95,10 @@ def save_checkpoint(engine, model_state: dict[str, torch.Tensor], aliases: dict[
         shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _global_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _folder(directory: str | os.PathLike, tag: str | None) -> Path:
@@ -110,7 +118,35 @@ def read_whole(directory: str | os.PathLike, tag: str | None = None):
     """(meta, {name: {"param": t, state key: t, ...}}, step, rank-0 payload) rebuilt from all shards."""
     folder = _folder(directory, tag)
     meta = json.loads((folder / "meta.json").read_text())
-    files = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(meta["dp"])]
+    dp, tp = meta["dp"], meta.get("tp", 1)
+    files = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(dp * tp)]
+    parts, step = [], None
+    for t in range(tp):  # ranks d * tp + t hold tensor-parallel slice t (dp-sharded)
+        part, step = _rebuild(meta, [files[d * tp + t] for d in range(dp)])
+        parts.append(part)
+    whole = parts[0] if tp == 1 else _join_tp(parts, meta["tp_layout"], tp)
+    return meta, whole, step, files[0]
+
+
+def _join_tp(parts: list[dict], tp_layout: dict, tp: int) -> dict:
+    """Whole tensors from the tensor-parallel ranks' slices (rank-major within each segment)."""
+    out = {}
+    for name, tensors in parts[0].items():
+        info = tp_layout.get(name)
+        if info is None:
+            out[name] = tensors
+            continue
+        out[name] = {}
+        for key in tensors:
+            dim, segs = info["dim"], info["segments"]
+            pieces = [p[name][key].split([s // tp for s in segs], dim) for p in parts]
+            full = torch.cat([pieces[r][i] for i in range(len(segs)) for r in range(tp)], dim)
+            out[name][key] = full.narrow(dim, 0, info["size"]) if info.get("size") is not None else full
+    return out
+
+
+def _rebuild(meta: dict, files: list) -> tuple[dict, float | None]:
+    """Whole (local) tensors of one tensor-parallel rank from its data-parallel shards."""
     whole: dict[str, dict[str, torch.Tensor]] = {}
     step = None
     for i, b in enumerate(meta["buckets"]):
@@ -123,12 +159,19 @@ def read_whole(directory: str | os.PathLike, tag: str | None = None):
                 whole.setdefault(name, {})[key] = bucket[offset: offset + numel].view(shape).clone()
         if files[0]["shards"][i]["step"] is not None:
             step = files[0]["shards"][i]["step"]
-    return meta, whole, step, files[0]
+    return whole, step
 
 
 def load_checkpoint(engine, directory: str | os.PathLike, tag: str | None = None) -> dict[str, torch.Tensor]:
     """Load into `engine` (any stage, any world size). Returns the saved buffers (model state)."""
     meta, whole, step, first = read_whole(directory, tag)
+    if engine.tp > 1:  # this rank's tensor-parallel slices of the whole tensors
+        from dsc.passes.tensor_parallel import Shard, local_slice
+
+        for name, info in engine.tp_layout.items():
+            s = Shard(info["dim"], tuple(info["segments"]), info.get("size"))
+            whole[name] = {k: local_slice(v, s, engine.tp, engine.tp_rank).contiguous()
+                           for k, v in whole.get(name, {}).items()}
     mine = {s.name: tuple(s.shape) for b in engine.layout.buckets for s in b.slots}
     saved = {n: tuple(v["param"].shape) for n, v in whole.items()}
     if mine != saved:
@@ -136,8 +179,9 @@ def load_checkpoint(engine, directory: str | os.PathLike, tag: str | None = None
         wrong = sorted(n for n in set(mine) & set(saved) if mine[n] != saved[n])
         raise ValueError(f"checkpoint does not match this model: missing {missing[:5]}, unexpected "
                          f"{extra[:5]}, shape differs {wrong[:5]}")
-    rank_file = _folder(directory, tag) / f"rank{engine.rank}.pt"
-    own = torch.load(rank_file, weights_only=False) if rank_file.exists() and meta["dp"] == engine.world else first
+    rank_file = _folder(directory, tag) / f"rank{_global_rank()}.pt"
+    same = meta["dp"] == engine.world and meta.get("tp", 1) == engine.tp
+    own = torch.load(rank_file, weights_only=False) if rank_file.exists() and same else first
     with torch.no_grad():
         for sp, b in zip(engine.shard_params, engine.layout.buckets):
             params = _whole_bucket(whole, b, "param", sp.dtype)

@@ -102,7 +102,7 @@ class ZeroEngine:
         self._callback_queued = False
         self.scaler = StaticLossScaler(1.0)  # replaced by the runtime for fp16
         self.skipped_steps = 0
-        self.tp, self.tp_group, self._tp_ranges = 1, None, {}
+        self.tp, self.tp_group, self._tp_ranges, self.tp_layout, self.tp_rank = 1, None, {}, {}, 0
 
     def forward_context(self):
         """Context the compiled graph's forward runs in (stage 3 installs saved-tensor hooks)."""
@@ -213,10 +213,13 @@ class ZeroEngine:
         self._pending.clear()
 
     # -- step -------------------------------------------------------------------------------------
-    def set_tensor_parallel(self, sharded: set[str], group, tp: int) -> None:
-        """Parameters in `sharded` are split over the tensor-parallel `group`: the gradient norm
-        sums their squares over that group too (the replicated ones count once)."""
-        self.tp, self.tp_group = tp, group
+    def set_tensor_parallel(self, layout: dict[str, dict], group, tp: int) -> None:
+        """Parameters in `layout` ({name: {"dim", "segments", "size"}}) are split over the
+        tensor-parallel `group`: the gradient norm sums their squares over that group too (the
+        replicated ones count once), and checkpoints record how to join the slices."""
+        self.tp, self.tp_group, self.tp_layout = tp, group, dict(layout)
+        self.tp_rank = dist.get_rank(group) if group is not None else 0
+        sharded = set(layout)
         self._tp_ranges = {True: [], False: []}  # split over tp? -> (shard index, start, end)
         for i, b in enumerate(self.layout.buckets):
             lo = self.rank * b.chunk if self.layout.stage >= 1 else 0

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 import dsc  # noqa: E402
+import models  # noqa: E402
 from models import MODELS, dataset, loss_of, rank_micro_batches  # noqa: E402
 
 GLOBAL = 4
@@ -25,17 +26,23 @@ def main() -> None:
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--load")
     p.add_argument("--save")
+    p.add_argument("--tp", type=int, default=1, help="tensor_parallel.size")
+    p.add_argument("--vocab", type=int, default=None)
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    if args.vocab:
+        models.set_vocab(args.vocab)
     dsc.runtime.mesh.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = rank // args.tp, world // args.tp  # data-parallel coordinates: tp ranks share a batch
     build, batch = MODELS[args.model]
     data = dataset(args.start + args.steps + 1, GLOBAL)
     plan = {"zero": {"stage": args.stage, "reduce_bucket_size": 3000, "prefetch_bucket_size": 3000,
                      "param_persistence_threshold": 100},
             "optimizer": {"type": "adamw", "lr": 1e-2, "weight_decay": 0.1},
             "scheduler": {"type": "WarmupLR", "warmup_num_steps": 4, "warmup_max_lr": 1e-2, "warmup_type": "linear"},
-            "batch": {"train_batch_size": GLOBAL}, "gradient_clipping": 0.5}
+            "batch": {"train_batch_size": GLOBAL}, "gradient_clipping": 0.5,
+            "tensor_parallel": {"size": args.tp}}
     a, kw = batch(rank_micro_batches(data, 0, GLOBAL, rank, world, 1)[0])
     compiled = dsc.compile(build(), plan, example_inputs=(a, kw))
     if args.load:
@@ -49,7 +56,7 @@ def main() -> None:
     if args.save:
         compiled.save_checkpoint(args.save)
     state = compiled.full_state_dict()
-    if rank == 0:
+    if dist.get_rank() == 0:
         torch.save({"state": state, "lr": compiled.get_lr(), "steps": compiled.global_steps}, args.out)
     del compiled
     dsc.runtime.mesh.shutdown()
