@@ -35,7 +35,8 @@ from dsc.passes.precision import relax_dtype_asserts
 
 from .capture import call_args, capture
 from .pass_manager import CompileContext
-from .pipeline import RankProgram, compile_rank
+from .pipeline import RankProgram, compile_rank, rank_coords
+from dsc.passes.tensor_parallel import shard_tensor_parallel
 from .report import build_report, explain
 
 
@@ -142,7 +143,8 @@ class CompiledModel(nn.Module):
         tp_layout = self._program.artifacts.get("tp_layout", {})
         for name in tp_layout:  # the graph reads this rank's slices: drop the whole parameters
             whole = self._captured.gm.get_parameter(name)
-            whole.data = torch.empty(0, dtype=whole.dtype, device=whole.device)
+            # a zero-stride stand-in keeps the shape (an eval-mode capture needs it) in 4 bytes
+            whole.data = torch.zeros((), dtype=whole.dtype, device=whole.device).expand(whole.shape)
             whole.requires_grad_(False)
         training = plan.optimizer is not None or self._optimizer_fn is not None
         if not training and layout.stage < 3:
@@ -170,10 +172,9 @@ class CompiledModel(nn.Module):
         if self._program is None:
             self._compile(args, kwargs)
         if not self.training and self._captured.training:
-            if self._plan.zero.stage == 3 or self._plan.tensor_parallel.size > 1:
-                what = "ZeRO-3" if self._plan.zero.stage == 3 else "tensor parallelism"
-                raise NotImplementedError(f"eval mode under {what} needs an eval graph compiled for the plan; "
-                                          "not built yet: call the model in train mode under torch.no_grad()")
+            if self._plan.zero.stage == 3:
+                raise NotImplementedError("eval mode under ZeRO-3 needs an eval graph with gathers; not "
+                                          "built yet: call the model in train mode under torch.no_grad()")
             graph, hooks = self._eval_graph(args, kwargs), contextlib.nullcontext()
         else:
             graph = self._program.gm
@@ -197,11 +198,25 @@ class CompiledModel(nn.Module):
                 gm = capture(self._model, args, kwargs).gm
             finally:
                 self._model.train(was)
+            ctx = CompileContext(self._plan, self.rank, self.world_size, rank_coords(self._plan, self.rank))
+            if self._plan.tensor_parallel.size > 1:
+                self._shard_eval_graph(gm, ctx)
             if self._plan.precision.dtype != "fp32":
-                relax_dtype_asserts(gm, CompileContext(self._plan, self.rank, self.world_size, {}))
+                relax_dtype_asserts(gm, ctx)
                 gm.recompile()
             self._eval_gm = gm
         return self._eval_gm
+
+    def _shard_eval_graph(self, gm, ctx) -> None:
+        """The eval graph gets the same tensor-parallel rewrite, reading the training graph's local
+        parameters (the same objects, so it always sees the current weights)."""
+        gm.meta["dsc.module_prefix"] = self._captured.gm.meta.get("dsc.module_prefix", "")
+        train = self._program.gm
+        ctx.artifacts["tp_local_params"] = dict(train.named_parameters(remove_duplicate=False))
+        shard_tensor_parallel(gm, ctx)
+        if ctx.artifacts["tp_layout"] != self._program.artifacts["tp_layout"]:
+            raise RuntimeError("the eval graph shards differently from the training graph (the model's "
+                               "structure depends on train/eval mode); set tensor_parallel.rules explicitly")
 
     def train(self, mode: bool = True):
         self.training = mode  # exported graphs refuse .train(); the graph choice happens in forward

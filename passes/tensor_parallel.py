@@ -702,7 +702,9 @@ def local_slice(t: torch.Tensor, s: Shard, tp: int, rank: int) -> torch.Tensor:
     return torch.cat(parts, s.dim) if len(parts) > 1 else parts[0]
 
 
-def _apply(gm: torch.fx.GraphModule, prop: _Propagation, tp: int, rank: int) -> dict:
+def _apply(gm: torch.fx.GraphModule, prop: _Propagation, tp: int, rank: int, given: dict | None = None) -> dict:
+    """Rewrite `gm` for this rank. `given` ({name: local parameter}) supplies the local parameters
+    instead of slicing the whole ones (an eval graph shares the training graph's)."""
     graph = gm.graph
     canonical = prop.canonical
     # 1. parameters: register this rank's shard under every name that reads it
@@ -713,6 +715,9 @@ def _apply(gm: torch.fx.GraphModule, prop: _Propagation, tp: int, rank: int) -> 
             p = gm.get_parameter(node.target)
             if getattr(p, "_dsc_tp_local", False):
                 new = p
+            elif given and node.target in given:
+                new = given[node.target]
+                new._dsc_tp_local = True
             else:
                 new = torch.nn.Parameter(local_slice(p.detach(), s, tp, rank).clone(), requires_grad=p.requires_grad)
                 new._dsc_tp_local = True
@@ -904,7 +909,7 @@ def shard_tensor_parallel(gm: torch.fx.GraphModule, ctx: CompileContext) -> Pass
     for s in sites:
         table.setdefault(s.module, {"style": s.style, "kind": s.kind, "why": s.why,
                                     "params": [n for n in (s.weight, s.bias) if n]})
-    counts = _apply(gm, prop, tp, rank)
+    counts = _apply(gm, prop, tp, rank, ctx.artifacts.get("tp_local_params"))
     ctx.artifacts["tp_layout"] = layout
     ctx.artifacts["tp_table"] = table
     n_sh = sum(1 for v in table.values() if v["style"] != "replicate")

@@ -80,6 +80,14 @@ def main() -> None:
             dist.all_reduce(total)
             losses.append(float(total) / world)
         traffic = dict(dsc.runtime.collectives.traffic)
+        eval_gap = None
+        if stage < 3:  # eval mode runs a separately captured (and sharded) graph on the same weights
+            with torch.no_grad():
+                compiled.eval()
+                got = loss_of(compiled(*a, **kw))
+                compiled.train()
+                want = loss_of(compiled(*a, **kw))
+            eval_gap = abs(float(got) - float(want))
         state = compiled.full_state_dict()
         report = compiled.report()
         layout = report["ranks"][0]
@@ -90,7 +98,7 @@ def main() -> None:
                           "numel": sum(p.numel() for p in model.parameters() if p.numel()) if stage < 3 and args.tp == 1
                           else sum(b["elements"] for b in buckets),
                           "padded": sum(b["padded"] for b in buckets), "buckets": len(buckets),
-                          "traffic": traffic, "collectives": layout["collectives"], "report": report}
+                          "traffic": traffic, "eval_gap": eval_gap, "collectives": layout["collectives"], "report": report}
         # every rank must hold the same full parameters after the all-gather
         flat = torch.cat([v.reshape(-1).float() for v in state.values()])
         ref = flat.clone()

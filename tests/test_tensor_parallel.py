@@ -225,6 +225,7 @@ def test_tensor_parallel_training_matches_eager(tmp_path, model_name, tp, vocab)
     assert_params_close(res["state"], ref_state, noise, f"tp={tp} {model_name}")
     assert_traffic_matches_report(res)
     assert_memory_is_analytic(res, 0, 1)
+    assert res["eval_gap"] <= 1e-6 * abs(res["losses"][-1])  # eval graph: same sharding, same weights
 
 
 @pytest.mark.slow
