@@ -239,3 +239,21 @@ def test_2d_tensor_and_data_parallel_with_zero_matches_eager(tmp_path, model_nam
                                    msg=lambda m: f"ZeRO-{stage} x tp=2 losses: {m}")
         assert_params_close(res["state"], ref_state, noise, f"ZeRO-{stage} x tp=2 {model_name}")
         assert_memory_is_analytic(res, stage, 2)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_bf16_matches_eager_autocast(tmp_path):
+    """bf16 compute under tp=2: within the bf16 bound of the ZeRO mixed-precision tests."""
+    from test_parity_dp import LOW_TOL
+
+    ref_losses, ref_state, _, _ = eager_reference("hf_llama", 1, "bf16")
+    out = tmp_path / "bf16.pt"
+    dsc_run(2, TESTS / "dist_worker.py", "--model", "hf_llama", "--stages", "0", "--steps", str(STEPS),
+            "--micro", str(MICRO), "--gas", str(GAS), "--lr", str(LR), "--clip", str(CLIP), "--tp", "2",
+            "--vocab", str(VOCAB), "--precision", "bf16", "--out", str(out))
+    res = torch.load(out, weights_only=False)[0]
+    tol = LOW_TOL["bf16"]
+    torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=tol, atol=0)
+    for k, v in ref_state.items():
+        err, scale = float((res["state"][k] - v).double().norm()), float(v.double().norm())
+        assert err <= tol * scale, f"bf16 tp=2 {k}: |diff| {err:.3g} vs |ref| {scale:.3g}"
