@@ -14,6 +14,7 @@ from typing import Any
 
 import torch.fx
 
+from dsc.passes.fusion import fuse_kernels
 from dsc.passes.precision import relax_dtype_asserts
 from dsc.passes.tensor_parallel import check_tensor_parallel, shard_tensor_parallel
 from dsc.passes.zero import check_zero_layout, plan_zero_buckets
@@ -101,6 +102,8 @@ PASSES = [
          requires=frozenset({"shapes"}), check=check_zero_layout),
     Pass("shard_parameters", shard_parameters, provides=frozenset({"sharded_params"}),
          requires=frozenset({"grad_buckets"}), enabled=lambda plan: plan.zero.stage == 3, check=check_sharded),
+    Pass("fuse_kernels", fuse_kernels, provides=frozenset({"fused"}), requires=frozenset({"shapes"}),
+         enabled=lambda plan: plan.fusion.enabled and plan.fusion.backend != "none"),
     Pass("estimate_costs", estimate_costs, provides=frozenset({"estimates"}),
          requires=frozenset({"shapes", "grad_buckets"})),
 ]

@@ -13,7 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 
 from .errors import PlanError, Problem
 
-__all__ = ["Plan", "Parallel", "TensorParallel", "Zero", "Optimizer", "Scheduler", "Precision", "Batch",
+__all__ = ["Plan", "Parallel", "TensorParallel", "Fusion", "Zero", "Optimizer", "Scheduler", "Precision", "Batch",
            "DEFAULT_BUCKET_SIZE", "auto_bucket_size"]
 
 DEFAULT_BUCKET_SIZE = 500_000_000
@@ -237,7 +237,24 @@ def _did_you_mean(value: Any, allowed) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-RESERVED = ("pipeline", "moe", "quantization", "pruning", "fusion", "checkpoint")
+FUSION_PATTERNS = ("pointwise", "layernorm", "rmsnorm", "softmax")
+
+
+class Fusion(Section):
+    """Kernel fusion: groups of memory-bound ops become one generated kernel each."""
+
+    enabled: bool = False
+    """Fuse (off by default)."""
+    backend: Literal["auto", "triton", "cpu", "none"] = "auto"
+    """"cpu": C/OpenMP kernels compiled with the system C compiler. "triton": GPU kernels (not
+    built yet in this version: declined, ops run unfused). "auto": the best available. "none":
+    find and report groups' fallback only (nothing is fused)."""
+    patterns: list[Literal["pointwise", "layernorm", "rmsnorm", "softmax"]] = list(FUSION_PATTERNS)
+    """Which patterns to fuse: pointwise (chains of pointwise ops: bias/residual adds, GELU,
+    SiLU, scale, ...), layernorm, rmsnorm, softmax (with scale and additive mask)."""
+
+
+RESERVED = ("pipeline", "moe", "quantization", "pruning", "checkpoint")
 
 
 class Plan(Section):
@@ -270,8 +287,8 @@ class Plan(Section):
     """Reserved for weight quantization; not supported yet in this dsc version."""
     pruning: Any = None
     """Reserved for pruning; not supported yet in this dsc version."""
-    fusion: Any = None
-    """Reserved for kernel fusion; not supported yet in this dsc version."""
+    fusion: Fusion = Fusion()
+    """Kernel fusion and code generation (off by default)."""
     checkpoint: Any = None
     """Reserved for checkpointing options; not supported yet in this dsc version."""
 

@@ -85,8 +85,7 @@ def test_error_messages(plan_dict, path, needles):
     assert "pydantic" not in str(err) and "For further information" not in str(err)
 
 
-@pytest.mark.parametrize("section", ["pipeline", "moe", "quantization",
-                                     "pruning", "fusion", "checkpoint"])
+@pytest.mark.parametrize("section", ["pipeline", "moe", "quantization", "pruning", "checkpoint"])
 def test_reserved_sections_rejected(section):
     [problem] = errors_of({section: {"enabled": True}}).problems
     assert problem.path == section and "not supported yet" in problem.message

@@ -1,0 +1,62 @@
+"""The C/OpenMP backend: jinja2 template -> C source -> shared library (cached) -> ctypes call.
+
+Kernels take raw pointers and sizes (a plain C ABI: no torch headers, so a kernel compiles in a
+fraction of a second). Arithmetic is fp32; storage is fp32 or bf16 (`dtype` picks the template's
+load/store helpers). Vectorized exp/erf/tanh with measured error bounds live in
+templates/common.h.j2.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import jinja2
+import torch
+
+from . import cache
+
+TEMPLATES = Path(__file__).with_name("templates")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC",
+         "-std=gnu11"]
+DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+_env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
+                          trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+_libs: dict[str, ctypes.CDLL] = {}
+
+
+def available() -> tuple[bool, str]:
+    """(usable, why not): the CPU backend needs a C compiler with OpenMP."""
+    if os.environ.get("DSC_NO_CC"):
+        return False, "DSC_NO_CC is set"
+    cc = cache.find_compiler()
+    return (True, cc) if cc else (False, "no C compiler (cc/gcc/clang) on PATH")
+
+
+def render(template: str, **params) -> str:
+    return _env.get_template(template).render(**params)
+
+
+def template_sources() -> str:
+    """Every template's text (part of the cache key: editing a template rebuilds its kernels)."""
+    return "".join(p.read_text() for p in sorted(TEMPLATES.glob("*.j2")))
+
+
+def compile_kernel(source: str, symbol: str):
+    """(ctypes function, library path, source path) for `symbol` in `source`, cached on disk."""
+    cc = cache.find_compiler()
+    if cc is None:
+        raise cache.CompileError("no C compiler found")
+    lib_path, src_path, _ = cache.build(source, cc, FLAGS)
+    lib = _libs.get(str(lib_path))
+    if lib is None:
+        lib = _libs[str(lib_path)] = ctypes.CDLL(str(lib_path))
+    fn = getattr(lib, symbol)
+    fn.restype = None
+    return fn, lib_path, src_path
+
+
+def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)

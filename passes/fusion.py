@@ -1,0 +1,573 @@
+"""Kernel fusion: groups of memory-bound aten ops become one generated kernel each.
+
+Requires: `meta["val"]` on every node (annotate_shapes). Runs after the parallelism passes, so it
+fuses this rank's local ops.
+Guarantees: every fused group is replaced by one call of a custom op `torch.ops.dsc_fused.<name>`
+(a torch.library op with a fake implementation, so the graph stays traceable and `rankR.py`
+shows the kernel by name) that returns the group's escaping values; ops it could not fuse stay as
+they were and are listed, with the reason, in the pass record's `declined`.
+`ctx.artifacts["kernels"]`: one entry per generated kernel (name, backend, pattern, the ops it
+replaced, its source file).
+Reads node.meta: `val`. Writes node.meta: `val` on new nodes, `dsc.kernel` on fused nodes.
+
+Patterns (plan `fusion.patterns`):
+- pointwise: any connected group of pointwise ops (add/sub/mul/div, bias and residual adds,
+  GELU exact/tanh and its decomposed form, SiLU, sigmoid, tanh, exp, ReLU, scale, pow by small
+  integers, rsqrt, no-op casts and dropout with p=0) whose intermediate values are used only
+  inside the group; operands may be full tensors, per-column vectors (biases), per-row values or
+  scalars. Several escaping values make a multi-output kernel.
+- layernorm: `aten.layer_norm` over the last dimension (weight and bias optional).
+- rmsnorm: the decomposed RMSNorm of Llama-style models (pow 2, mean, add eps, rsqrt, mul, weight).
+- softmax: softmax over the last dimension with an optional scale and additive mask prologue.
+
+Backward: a fused op's gradient recomputes the group's original (unfused) ops from the saved
+inputs under autograd, so gradients are eager's by construction; only the inputs are saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+
+from dsc.pass_manager import CompileContext, PassResult
+
+aten = torch.ops.aten
+PATTERNS = ("pointwise", "layernorm", "rmsnorm", "softmax")
+
+
+def _lit(v) -> str:
+    v = float(v)
+    if v != v:
+        return "NAN"
+    if v in (float("inf"), float("-inf")):
+        return "INFINITY" if v > 0 else "(-INFINITY)"
+    return f"{v!r}f"
+
+
+# aten op -> function(args as C expressions / python scalars, kwargs) -> C expression, or None to decline
+def _binary(fmt):
+    return lambda a, kw: fmt.format(*a)
+
+
+def _add(a, kw):
+    alpha = kw.get("alpha", 1)
+    return f"({a[0]} + {a[1]})" if alpha == 1 else f"({a[0]} + {_lit(alpha)} * {a[1]})"
+
+
+def _sub(a, kw):
+    alpha = kw.get("alpha", 1)
+    return f"({a[0]} - {a[1]})" if alpha == 1 else f"({a[0]} - {_lit(alpha)} * {a[1]})"
+
+
+def _pow(a, kw):
+    e = a[1]
+    table = {"2.0f": "({0} * {0})", "3.0f": "({0} * {0} * {0})", "1.0f": "({0})", "0.5f": "sqrtf({0})",
+             "-1.0f": "(1.0f / {0})", "-0.5f": "(1.0f / sqrtf({0}))"}
+    return table[e].format(a[0]) if e in table else None
+
+
+def _gelu(a, kw):
+    return f"v_gelu_tanh({a[0]})" if kw.get("approximate", "none") == "tanh" else f"v_gelu_erf({a[0]})"
+
+
+def _dropout(a, kw):
+    return a[0] if a[1] == "0.0f" or a[2] == "false" else None  # p > 0 in training: declined (RNG)
+
+
+def _same(a, kw):
+    return a[0]
+
+
+OPS = {
+    aten.add.Tensor: _add, aten.add.Scalar: _add, aten.sub.Tensor: _sub, aten.sub.Scalar: _sub,
+    aten.mul.Tensor: _binary("({0} * {1})"), aten.mul.Scalar: _binary("({0} * {1})"),
+    aten.div.Tensor: _binary("({0} / {1})"), aten.div.Scalar: _binary("({0} / {1})"),
+    aten.rsub.Scalar: _binary("({1} - {0})"),
+    aten.neg.default: _binary("(-{0})"), aten.relu.default: _binary("({0} < 0.0f ? 0.0f : {0})"),
+    aten.gelu.default: _gelu, aten.silu.default: _binary("v_silu({0})"),
+    aten.sigmoid.default: _binary("v_sigmoid({0})"), aten.tanh.default: _binary("v_tanh({0})"),
+    aten.exp.default: _binary("v_exp({0})"), aten.rsqrt.default: _binary("(1.0f / sqrtf({0}))"),
+    aten.sqrt.default: _binary("sqrtf({0})"), aten.pow.Tensor_Scalar: _pow,
+    aten.dropout.default: _dropout, aten.clone.default: _same, aten.alias.default: _same,
+    aten.contiguous.default: _same, aten.to.dtype: _same, aten._to_copy.default: _same,
+}
+TRANSCENDENTAL = {aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default, aten.exp.default}
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+
+
+def _short(target) -> str:
+    return str(getattr(target, "__name__", target)).replace(".default", "")
+
+
+@dataclass
+class Group:
+    pattern: str
+    nodes: list[torch.fx.Node]
+    inputs: list[torch.fx.Node]
+    outputs: list[torch.fx.Node]
+    params: dict = field(default_factory=dict)
+    slots: list = field(default_factory=list)  # (node index, arg index) of each input, norms/softmax
+
+    def refresh(self) -> None:
+        """Re-read the inputs from the graph (an earlier rewrite may have renamed one)."""
+        if self.slots:
+            self.inputs = [self.nodes[i].args[j] if i is not None else None for i, j in self.slots]
+        else:
+            members, self.inputs = set(self.nodes), []
+            for n in self.nodes:
+                for x in n.all_input_nodes:
+                    if x not in members and x not in self.inputs:
+                        self.inputs.append(x)
+
+
+class Kernel:
+    """A fused group at run time: its generated kernel per dtype, and the unfused reference."""
+
+    def __init__(self, name: str, group: Group, ref: torch.fx.GraphModule, kinds: list[str], shape, cols: int):
+        self.name, self.pattern, self.params = name, group.pattern, dict(group.params)
+        self.ref, self.kinds, self.shape, self.cols = ref, kinds, tuple(shape), cols
+        self.replaced = [_short(n.target) for n in group.nodes]
+        self.input_shapes = [tuple(_val(x).shape) for x in group.inputs]
+        self.n_out = len(group.outputs)
+        self.compiled: dict[torch.dtype, object] = {}
+        self.sources: dict[torch.dtype, str] = {}
+        self.calls = {"kernel": 0, "fallback": 0}
+
+    def source(self, dtype: torch.dtype) -> str:
+        from dsc.codegen import cpu
+
+        common = {"name": self.name, "dtype": cpu.DTYPES[dtype], "replaced": ", ".join(self.replaced)}
+        if self.pattern == "pointwise":
+            return cpu.render("pointwise.c.j2", inputs=self.kinds, **self.params, **common)
+        if self.pattern in ("layernorm", "rmsnorm"):
+            return cpu.render("rownorm.c.j2", kind=self.pattern, lanes=8, **self.params, **common)
+        return cpu.render("softmax.c.j2", **self.params, **common)
+
+    def build(self, dtype: torch.dtype) -> str:
+        """Compile (or find in the cache) the kernel for `dtype`; returns the source path."""
+        from dsc.codegen import cpu
+
+        fn, _, src = cpu.compile_kernel(self.source(dtype), self.name)
+        self.compiled[dtype] = fn
+        self.sources[dtype] = str(src)
+        return str(src)
+
+    def __call__(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        from dsc.codegen import cpu
+
+        tensors = [x for x in xs if x is not None]
+        dtype = tensors[0].dtype
+        usable = (dtype in cpu.DTYPES and all(x.dtype == dtype and x.device.type == "cpu" for x in tensors)
+                  and [tuple(x.shape) for x in tensors] == [s for s, x in zip(self.input_shapes, xs) if x is not None])
+        if not usable:
+            self.calls["fallback"] += 1
+            out = self.ref(*xs)
+            return [o.contiguous() for o in (out if isinstance(out, (tuple, list)) else (out,))]
+        fn = self.compiled.get(dtype)
+        if fn is None:
+            self.build(dtype)
+            fn = self.compiled[dtype]
+        self.calls["kernel"] += 1
+        xs = [x.contiguous() if x is not None else None for x in xs]
+        rows = max(1, _numel(self.shape) // max(self.cols, 1))
+        outs = [torch.empty(self.shape, dtype=dtype) for _ in range(self.n_out)]
+        if self.pattern == "pointwise":
+            fn(*[cpu.ptr(x) for x in xs], *[cpu.ptr(o) for o in outs], _i64(rows), _i64(self.cols))
+        elif self.pattern in ("layernorm", "rmsnorm"):
+            x, w, b = (xs + [None, None])[:3]
+            fn(cpu.ptr(x), cpu.ptr(w), cpu.ptr(b), cpu.ptr(outs[0]), _i64(rows), _i64(self.cols),
+               _f32(self.params["eps"]))
+        else:
+            x, mask = (xs + [None])[:2]
+            mask_rows = max(1, mask.numel() // self.cols) if mask is not None else 1
+            fn(cpu.ptr(x), cpu.ptr(mask), cpu.ptr(outs[0]), _i64(rows), _i64(self.cols), _i64(mask_rows),
+               _f32(self.params["scale"]))
+        return outs
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _i64(v):
+    import ctypes
+    return ctypes.c_int64(int(v))
+
+
+def _f32(v):
+    import ctypes
+    return ctypes.c_float(float(v))
+
+
+KERNELS: dict[str, Kernel] = {}  # name -> kernel, for the custom ops (one per process)
+
+
+def _register_op(name: str) -> None:
+    """torch.ops.dsc_fused.<name>(xs) -> list of outputs, differentiable by recomputation."""
+    if hasattr(torch.ops.dsc_fused, name):
+        return
+
+    @torch.library.custom_op(f"dsc_fused::{name}", mutates_args=())
+    def op(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return KERNELS[name](xs)
+
+    @op.register_fake
+    def _(xs):
+        k = KERNELS[name]
+        dtype = next(x for x in xs if x is not None).dtype
+        return [xs[0].new_empty(k.shape, dtype=dtype) for _ in range(k.n_out)]
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[0])
+
+    def backward(ctx, grads):
+        xs = [x.detach().requires_grad_(x.is_floating_point()) for x in ctx.saved_tensors]
+        with torch.enable_grad():
+            outs = KERNELS[name].ref(*xs)
+        outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        need = [x for x in xs if x.requires_grad]
+        if not pairs or not need:
+            return [None] * len(xs)
+        got = iter(torch.autograd.grad([o for o, _ in pairs], need, [g for _, g in pairs], allow_unused=True))
+        return [next(got) if x.requires_grad else None for x in xs]
+
+    op.register_autograd(backward, setup_context=setup)
+
+
+# -- finding groups -----------------------------------------------------------------------------
+
+
+def _float_tensor(n) -> bool:
+    v = _val(n)
+    return isinstance(v, torch.Tensor) and v.dtype in (torch.float32, torch.bfloat16)
+
+
+def _pointwise_ok(n: torch.fx.Node) -> bool:
+    if n.op != "call_function" or n.target not in OPS or not _float_tensor(n):
+        return False
+    dt = _val(n).dtype
+    return all(_val(x).dtype == dt for x in n.all_input_nodes if isinstance(_val(x), torch.Tensor))
+
+
+def _kind(shape, space) -> str | None:
+    """How an operand of `shape` is read in the iteration space (rows x cols)."""
+    shape, space = list(shape), list(space)
+    numel = _numel(shape)
+    if shape == space:
+        return "full"
+    if numel == 1:
+        return "one"
+    if len(shape) > len(space):
+        return None
+    pad = [1] * (len(space) - len(shape)) + shape
+    if pad[-1] == space[-1] and all(d == 1 for d in pad[:-1]):
+        return "vec"
+    if pad[-1] == 1 and pad[:-1] == space[:-1]:
+        return "row"
+    return None
+
+
+def find_pointwise(graph: torch.fx.Graph, taken: set) -> tuple[list[Group], list[dict]]:
+    """Connected groups of pointwise ops whose intermediates stay inside the group."""
+    cand = [n for n in graph.nodes if n not in taken and _pointwise_ok(n)]
+    cset = set(cand)
+    parent = {n: n for n in cand}
+
+    def find(n):
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for n in cand:
+        if n.users and all(u in cset for u in n.users):
+            for u in n.users:
+                parent[find(u)] = find(n)
+    comps: dict[torch.fx.Node, list] = {}
+    for n in cand:
+        comps.setdefault(find(n), []).append(n)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    groups, declined = [], []
+    for nodes in comps.values():
+        nodes.sort(key=order.get)
+        members = set(nodes)
+        outputs = [n for n in nodes if any(u not in members for u in n.users)]
+        ops = [_short(n.target) for n in nodes]
+        heavy = any(n.target in TRANSCENDENTAL for n in nodes)
+        if len(nodes) < 2 and not heavy:
+            if nodes[0].target not in (aten.clone.default, aten.alias.default, aten.contiguous.default,
+                                       aten.to.dtype, aten._to_copy.default, aten.dropout.default):
+                declined.append({"what": f"{nodes[0].name} ({ops[0]})", "reason": "a single cheap op: eager is "
+                                 "already one pass over memory"})
+            continue
+        space = list(_val(outputs[0]).shape)
+        if any(list(_val(o).shape) != space for o in outputs):
+            declined.append({"what": ", ".join(n.name for n in nodes), "reason": "its escaping values have "
+                             "different shapes (one kernel writes one iteration space)"})
+            continue
+        inputs = []
+        for n in nodes:
+            for x in n.all_input_nodes:
+                if x not in members and x not in inputs:
+                    inputs.append(x)
+        kinds = [_kind(_val(x).shape, space) for x in inputs]
+        bad = [x.name for x, k in zip(inputs, kinds) if k is None or not isinstance(_val(x), torch.Tensor)]
+        if bad or not space:
+            declined.append({"what": ", ".join(n.name for n in nodes), "reason": f"operand(s) {bad} broadcast in "
+                             "a way the kernel does not index (only full, per-column, per-row or scalar)"})
+            continue
+        if any(n.target is aten.dropout.default and _emit(n, {}) is None for n in nodes):
+            declined.append({"what": ", ".join(n.name for n in nodes), "reason": "dropout with p > 0 (needs the "
+                             "counter-based RNG, not built yet)"})
+            continue
+        groups.append(Group("pointwise", nodes, inputs, outputs))
+    return groups, declined
+
+
+def _emit(n: torch.fx.Node, env: dict) -> str | None:
+    def arg(a):
+        if isinstance(a, torch.fx.Node):
+            return env.get(a, "0")
+        if isinstance(a, bool):
+            return "true" if a else "false"
+        if isinstance(a, (int, float)):
+            return _lit(a)
+        return a
+
+    return OPS[n.target]([arg(a) for a in n.args], dict(n.kwargs))
+
+
+def find_layernorms(graph, taken) -> list[Group]:
+    out = []
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is aten.layer_norm.default and n not in taken and _float_tensor(n):
+            x, shape = n.args[0], n.args[1]
+            w = n.args[2] if len(n.args) > 2 else None
+            b = n.args[3] if len(n.args) > 3 else None
+            eps = n.args[4] if len(n.args) > 4 else 1e-5
+            if len(shape) != 1 or not all(_val(t).dtype == _val(n).dtype for t in (x, w, b) if t is not None):
+                continue
+            out.append(Group("layernorm", [n], [x, w, b], [n], {"eps": eps, "has_weight": w is not None,
+                                                              "has_bias": b is not None},
+                             [(0, 0), (0, 2) if w is not None else (None, None),
+                              (0, 3) if b is not None else (None, None)]))
+    return out
+
+
+def _single(n) -> torch.fx.Node | None:
+    return next(iter(n.users)) if len(n.users) == 1 else None
+
+
+def find_rmsnorms(graph, taken) -> list[Group]:
+    """mul(w, [to](mul(x, rsqrt(add(mean(pow(x, 2), [-1], True), eps)))))"""
+    out = []
+    for r in graph.nodes:
+        if r.target is not aten.rsqrt.default or r in taken:
+            continue
+        add = r.args[0]
+        if getattr(add, "target", None) is not aten.add.Tensor or not isinstance(add.args[1], float):
+            continue
+        mean = add.args[0]
+        if getattr(mean, "target", None) is not aten.mean.dim or list(mean.args[1]) not in ([-1],) or \
+                not (len(mean.args) > 2 and mean.args[2]):
+            continue
+        pw = mean.args[0]
+        if getattr(pw, "target", None) is not aten.pow.Tensor_Scalar or pw.args[1] != 2:
+            continue
+        x = pw.args[0]
+        scaled = _single(r)
+        if scaled is None or scaled.target is not aten.mul.Tensor or x not in scaled.args:
+            continue
+        last, chain = scaled, [pw, mean, add, r, scaled]
+        nxt = _single(last)
+        if nxt is not None and nxt.target in (aten.to.dtype, aten._to_copy.default) and \
+                _val(nxt).dtype == _val(last).dtype:
+            chain.append(nxt)
+            last, nxt = nxt, _single(nxt)
+        if nxt is None or nxt.target is not aten.mul.Tensor:
+            continue
+        w = nxt.args[0] if nxt.args[1] is last else nxt.args[1]
+        cols = _val(x).shape[-1]
+        if not isinstance(w, torch.fx.Node) or tuple(_val(w).shape) != (cols,) or _val(w).dtype != _val(x).dtype:
+            continue
+        if any(len(c.users) != 1 for c in (pw, mean, add, r)) or any(c in taken for c in chain):
+            continue
+        chain.append(nxt)
+        out.append(Group("rmsnorm", chain, [x, w], [nxt], {"eps": add.args[1], "has_weight": True,
+                                                            "has_bias": False},
+                         [(0, 0), (len(chain) - 1, nxt.args.index(w))]))
+    return out
+
+
+def find_softmaxes(graph, taken) -> list[Group]:
+    out = []
+    for n in graph.nodes:
+        if n in taken or n.target not in (aten._softmax.default, aten.softmax.int) or not _float_tensor(n):
+            continue
+        x = n.args[0]
+        if n.args[1] not in (-1, _val(x).dim() - 1) or (n.target is aten._softmax.default and n.args[2]):
+            continue
+        nodes, mask, scale = [n], None, 1.0
+        if getattr(x, "target", None) is aten.add.Tensor and len(x.users) == 1 and x not in taken and \
+                isinstance(x.args[1], torch.fx.Node):
+            m = x.args[1]
+            ms = list(_val(m).shape)
+            while ms and ms[0] == 1:
+                ms.pop(0)  # leading 1s broadcast; what is left must be x's trailing dimensions
+            xs = list(_val(x).shape)
+            if ms and xs[-len(ms):] == ms and _val(m).dtype == _val(n).dtype and _val(x.args[0]).shape == _val(x).shape:
+                mask, nodes, x = m, [x, n], x.args[0]  # mask row = flat row index modulo its row count
+        if getattr(x, "target", None) in (aten.mul.Tensor, aten.mul.Scalar) and isinstance(x.args[1], (int, float)) \
+                and len(x.users) == 1 and x not in taken:
+            scale, nodes, x = float(x.args[1]), [x, *nodes], x.args[0]
+        slots = [(0, 0)] + ([(nodes.index(n) - 1, 1)] if mask is not None else [])
+        out.append(Group("softmax", nodes, [x, mask] if mask is not None else [x], [n],
+                         {"scale": scale, "has_mask": mask is not None}, slots))
+    return out
+
+
+# -- rewriting ----------------------------------------------------------------------------------
+
+
+def _reference(group: Group) -> torch.fx.GraphModule:
+    """The group's original ops as a graph module: inputs -> (outputs...)."""
+    g = torch.fx.Graph()
+    env = {}
+    for i, x in enumerate(group.inputs):
+        if x is None:
+            continue
+        env[x] = g.placeholder(f"in{i}")
+    for n in group.nodes:
+        env[n] = g.node_copy(n, lambda a: env[a])
+    g.output(tuple(env[o] for o in group.outputs))
+    return torch.fx.GraphModule(torch.nn.Module(), g)
+
+
+def _pointwise_params(group: Group) -> dict:
+    env, body = {}, []
+    for i, x in enumerate(group.inputs):
+        env[x] = f"v{i}"
+    for j, n in enumerate(group.nodes):
+        expr = _emit(n, env)
+        body.append(f"const float t{j} = {expr};")
+        env[n] = f"t{j}"
+    return {"body": body, "outputs": [env[o] for o in group.outputs]}
+
+
+def _place(graph: torch.fx.Graph, group: Group) -> torch.fx.Node | None:
+    """Where the fused call goes: before the first outside use of any output, after every input."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    members = set(group.nodes)
+    first_use = min((order[u] for o in group.outputs for u in o.users if u not in members), default=None)
+    last = max(order[n] for n in group.nodes)
+    at = last + 1 if first_use is None else min(first_use, last + 1)
+    if any(order[x] >= at for x in group.inputs if x is not None):
+        return None
+    return list(graph.nodes)[at]
+
+
+def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
+    """Find fusible groups, generate and compile a kernel for each, and call it from the graph."""
+    from dsc.codegen import cpu
+
+    cfg = ctx.plan.fusion
+    declined = []
+    backend = cfg.backend
+    if backend in ("auto", "triton"):
+        if backend == "triton":
+            declined.append({"what": "fusion.backend=triton", "reason": "the Triton backend is not built yet in "
+                             "this dsc version; the ops run unfused"})
+            return PassResult(summary="fusion: declined (triton backend not built yet)", declined=declined,
+                              details={"kernels": []})
+        backend = "cpu"
+    if ctx.plan.precision.dtype != "fp32":
+        declined.append({"what": "fusion", "reason": f"precision {ctx.plan.precision.dtype} runs the graph under "
+                         "autocast, whose per-op casts the fused kernels do not reproduce yet; ops run unfused"})
+        return PassResult(summary="fusion: declined under autocast", declined=declined, details={"kernels": []})
+    ok, why = cpu.available()
+    if not ok:
+        declined.append({"what": "fusion.backend=cpu", "reason": f"{why}; the ops run unfused"})
+        return PassResult(summary=f"fusion: declined ({why})", declined=declined, details={"kernels": []})
+
+    graph = gm.graph
+    for n in list(graph.nodes):  # export's dtype/device assertions would pin fused intermediates
+        if n.target is aten._assert_tensor_metadata.default and not n.users:
+            graph.erase_node(n)
+    taken: set = set()
+    groups: list[Group] = []
+    for pattern, finder in (("rmsnorm", find_rmsnorms), ("layernorm", find_layernorms),
+                            ("softmax", find_softmaxes)):
+        if pattern in cfg.patterns:
+            for grp in finder(graph, taken):
+                if not any(n in taken for n in grp.nodes):
+                    groups.append(grp)
+                    taken.update(grp.nodes)
+    if "pointwise" in cfg.patterns:
+        pw, why_not = find_pointwise(graph, taken)
+        groups += pw
+        declined += why_not
+    kernels = []
+    for grp in groups:
+        grp.refresh()
+        ref = _reference(grp)
+        space = tuple(_val(grp.outputs[0]).shape)
+        cols = space[-1] if space else 1
+        if grp.pattern == "pointwise":
+            grp.params = _pointwise_params(grp)
+            kinds = [_kind(_val(x).shape, space) for x in grp.inputs]
+        else:
+            kinds = ["full" for _ in grp.inputs]
+        ops = "-".join(dict.fromkeys(_short(n.target) for n in grp.nodes if n.target in TRANSCENDENTAL
+                                     or grp.pattern != "pointwise"))
+        digest = hashlib.sha256(repr((grp.pattern, grp.params, kinds, space, ref.code)).encode()).hexdigest()[:8]
+        name = f"{grp.pattern}_{ops.replace('_', '')[:24] + '_' if grp.pattern == 'pointwise' and ops else ''}{digest}"
+        kernel = KERNELS.get(name) or Kernel(name, grp, ref, kinds, space, cols)
+        dtype = _val(grp.outputs[0]).dtype
+        try:
+            src = kernel.build(dtype)
+        except Exception as exc:  # noqa: BLE001  (a compiler error declines the group, it never breaks training)
+            declined.append({"what": ", ".join(n.name for n in grp.nodes), "reason": f"kernel did not compile: {exc}"})
+            continue
+        at = _place(graph, grp)
+        if at is None:
+            declined.append({"what": ", ".join(n.name for n in grp.nodes), "reason": "an input is computed after "
+                             "an output is first used (no single place for the fused call)"})
+            continue
+        KERNELS[name] = kernel
+        _register_op(name)
+        with graph.inserting_before(at):
+            call = graph.call_function(getattr(torch.ops.dsc_fused, name).default, ([*grp.inputs],))
+            call.meta["val"] = [torch.empty(space, dtype=dtype, device="meta") for _ in grp.outputs]
+            call.meta["dsc.kernel"] = name
+            outs = []
+            for i, o in enumerate(grp.outputs):
+                item = graph.call_function(operator.getitem, (call, i))
+                item.meta["val"] = _val(o)
+                outs.append(item)
+        for o, item in zip(grp.outputs, outs):
+            o.replace_all_uses_with(item)
+        for n in reversed(grp.nodes):
+            if not n.users:
+                graph.erase_node(n)
+        kernels.append({"name": name, "backend": backend, "pattern": grp.pattern,
+                        "ops": [_short(n.target) for n in grp.nodes], "nodes": [n.name for n in grp.nodes],
+                        "inputs": kinds, "shape": list(space), "dtype": str(dtype).replace("torch.", ""),
+                        "source": src})
+    graph.lint()
+    gm.recompile()
+    ctx.artifacts["kernels"] = kernels
+    replaced = sum(len(k["ops"]) for k in kernels)
+    return PassResult(
+        summary=f"fusion ({backend}): {len(kernels)} kernel(s) replace {replaced} ops; {len(declined)} declined",
+        changed_graph=bool(kernels), declined=declined, details={"kernels": kernels})
