@@ -3,7 +3,7 @@
     dsc compile model.py --config plan.json [--world-size N] [--out DIR] [--format text|json]
     dsc validate plan.json [--world-size N] [--strict]
     dsc schema
-    dsc inspect DIR [--rank R] [--format text|json]
+    dsc inspect DIR [--rank R | --kernels] [--format text|json]
     dsc run --nproc N script.py [args ...]
     dsc checkpoint consolidate DIR OUT
     dsc report
@@ -82,7 +82,13 @@ def cmd_compile(args) -> int:
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         for prog in programs:
             (out / f"rank{prog.rank}.py").write_text(graph_code(prog))
-        _progress(f"wrote {out}/: plan.json, report.json, rank0.py .. rank{args.world_size - 1}.py")
+        kernels = {k["name"]: k for p in programs for k in p.artifacts.get("kernels", [])}
+        if kernels:
+            (out / "kernels").mkdir(exist_ok=True)
+            for name, k in kernels.items():
+                (out / "kernels" / f"{name}.c").write_text(Path(k["source"]).read_text())
+        extra = f", kernels/ ({len(kernels)} generated kernel sources)" if kernels else ""
+        _progress(f"wrote {out}/: plan.json, report.json, rank0.py .. rank{args.world_size - 1}.py{extra}")
     print(json.dumps(report, indent=2) if args.format == "json" else explain(report))
     return 0
 
@@ -118,6 +124,17 @@ def cmd_inspect(args) -> int:
               file=sys.stderr)
         return 1
     report = json.loads((folder / "report.json").read_text())
+    if args.kernels:
+        kernels = report.get("kernels", [])
+        if not kernels:
+            print("no generated kernels (enable them with the plan's fusion section)")
+        for k in kernels:
+            src = folder / "kernels" / f"{k['name']}.c"
+            print(f"{k['name']:<36} {k['backend']:<5} {k['pattern']:<10} {k['dtype']:<8} "
+                  f"{'x'.join(map(str, k['shape'])):<12} x{k['uses']:<3} replaces {' + '.join(k['ops'])}  ({src})")
+        for d in report.get("declined_fusion", []):
+            print(f"declined: {d['what']}: {d['reason']}")
+        return 0
     if args.rank is not None:
         path = folder / f"rank{args.rank}.py"
         if not path.exists():
@@ -211,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="print an artifact folder written by `dsc compile --out`")
     i.add_argument("dir")
     i.add_argument("--rank", type=int, help="print this rank's graph instead of the report")
+    i.add_argument("--kernels", action="store_true", help="list the generated kernels (name, backend, pattern, "
+                   "shape, the ops each replaced, its source file)")
     i.add_argument("--format", choices=["text", "json"], default="text")
     i.set_defaults(fn=cmd_inspect)
 

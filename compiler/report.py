@@ -28,6 +28,8 @@ def build_report(model, plan, captured, programs) -> dict[str, Any]:
         "plan": plan.model_dump(mode="json"),
         "sources": dict(plan.sources),
         "passes": programs[0].passes,
+        "kernels": programs[0].artifacts.get("kernels", []),
+        "declined_fusion": next((p["declined"] for p in programs[0].passes if p["name"] == "fuse_kernels"), []),
         "ranks": [p.rank_report() for p in programs],
     }
 
@@ -63,6 +65,12 @@ def explain(report: dict[str, Any]) -> str:
         out.append("tensor-parallel modules (rank 0's table; every rank decides the same):")
         for module, v in tp["details"]["modules"].items():
             out.append(f"  {module:<48} {v['style']:<9} {v['why']}")
+    if report.get("kernels"):
+        out.append("")
+        out.append("generated kernels (rank 0):")
+        for k in report["kernels"]:
+            out.append(f"  {k['name']:<36} {k['backend']:<4} {k['pattern']:<10} x{k['uses']:<3} replaces "
+                       f"{' + '.join(k['ops'])}")
     out.append("")
     head = f"  {'rank':>4}  {'coords':>10}  {'params':>12}  {'grads':>12}  {'optimizer':>12}  {'activations':>12}  {'comm/step':>12}"
     out.append("per-rank memory and communication:")

@@ -530,10 +530,11 @@ def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
             kinds = ["full" for _ in grp.inputs]
         ops = "-".join(dict.fromkeys(_short(n.target) for n in grp.nodes if n.target in TRANSCENDENTAL
                                      or grp.pattern != "pointwise"))
-        digest = hashlib.sha256(repr((grp.pattern, grp.params, kinds, space, ref.code)).encode()).hexdigest()[:8]
+        dtype = _val(grp.outputs[0]).dtype
+        what = (grp.pattern, grp.params, kinds, space, str(dtype), [_short(n.target) for n in grp.nodes])
+        digest = hashlib.sha256(repr(what).encode()).hexdigest()[:8]  # same computation -> same kernel
         name = f"{grp.pattern}_{ops.replace('_', '')[:24] + '_' if grp.pattern == 'pointwise' and ops else ''}{digest}"
         kernel = KERNELS.get(name) or Kernel(name, grp, ref, kinds, space, cols)
-        dtype = _val(grp.outputs[0]).dtype
         try:
             src = kernel.build(dtype)
         except Exception as exc:  # noqa: BLE001  (a compiler error declines the group, it never breaks training)
@@ -560,14 +561,19 @@ def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
         for n in reversed(grp.nodes):
             if not n.users:
                 graph.erase_node(n)
-        kernels.append({"name": name, "backend": backend, "pattern": grp.pattern,
-                        "ops": [_short(n.target) for n in grp.nodes], "nodes": [n.name for n in grp.nodes],
-                        "inputs": kinds, "shape": list(space), "dtype": str(dtype).replace("torch.", ""),
-                        "source": src})
+        entry = next((k for k in kernels if k["name"] == name), None)
+        if entry is None:
+            entry = {"name": name, "backend": backend, "pattern": grp.pattern,
+                     "ops": [_short(n.target) for n in grp.nodes], "nodes": [], "uses": 0,
+                     "inputs": kinds, "shape": list(space), "dtype": str(dtype).replace("torch.", ""), "source": src}
+            kernels.append(entry)
+        entry["uses"] += 1
+        entry["nodes"].append([n.name for n in grp.nodes])
     graph.lint()
     gm.recompile()
     ctx.artifacts["kernels"] = kernels
-    replaced = sum(len(k["ops"]) for k in kernels)
+    replaced = sum(len(k["ops"]) * k["uses"] for k in kernels)
     return PassResult(
-        summary=f"fusion ({backend}): {len(kernels)} kernel(s) replace {replaced} ops; {len(declined)} declined",
+        summary=f"fusion ({backend}): {len(kernels)} kernel(s) called {sum(k['uses'] for k in kernels)} times "
+                f"replace {replaced} ops; {len(declined)} declined",
         changed_graph=bool(kernels), declined=declined, details={"kernels": kernels})
