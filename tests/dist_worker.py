@@ -31,6 +31,7 @@ def plan_for(stage: int, args) -> dict:
         "gradient_clipping": args.clip,
         "precision": {"dtype": args.precision},
         "tensor_parallel": {"size": args.tp},
+        "fusion": {"enabled": args.fusion},
     }
 
 
@@ -49,6 +50,7 @@ def main() -> None:
     p.add_argument("--all-reduce", action="store_true", help="zero.reduce_scatter = false")
     p.add_argument("--allgather-bucket", type=int, default=500_000_000)
     p.add_argument("--tp", type=int, default=1, help="tensor_parallel.size")
+    p.add_argument("--fusion", action="store_true", help="fusion.enabled (generated kernels)")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size of the model and data")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -98,7 +100,8 @@ def main() -> None:
                           "numel": sum(p.numel() for p in model.parameters() if p.numel()) if stage < 3 and args.tp == 1
                           else sum(b["elements"] for b in buckets),
                           "padded": sum(b["padded"] for b in buckets), "buckets": len(buckets),
-                          "traffic": traffic, "eval_gap": eval_gap, "collectives": layout["collectives"], "report": report}
+                          "traffic": traffic, "eval_gap": eval_gap,
+                          "kernel_calls": {k: dict(v.calls) for k, v in dsc.passes.fusion.KERNELS.items()}, "collectives": layout["collectives"], "report": report}
         # every rank must hold the same full parameters after the all-gather
         flat = torch.cat([v.reshape(-1).float() for v in state.values()])
         ref = flat.clone()

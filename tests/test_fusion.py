@@ -1,0 +1,215 @@
+"""Kernel fusion: each fused pattern against eager (forward and backward, fp32 and bf16, irregular
+shapes), the kernel cache, the fallback when no compiler exists, and whole-model training parity
+with fusion on (real gloo ranks)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dsc
+from dsc.codegen import cache
+from dsc.passes.fusion import KERNELS
+
+from helpers import ROOT, TESTS, dsc_run
+from test_parity_dp import CLIP, GAS, LR, MICRO, STEPS, assert_params_close, eager_reference
+
+ROWS, COLS = 1823, 781  # irregular: no multiple of a vector width or a thread count
+
+
+class LayerNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(COLS)
+        nn.init.normal_(self.ln.weight, 1.0, 0.1)
+        nn.init.normal_(self.ln.bias, 0.0, 0.1)
+
+    def forward(self, x):
+        return self.ln(x)
+
+
+class RMSNorm(nn.Module):  # Llama's formulation, decomposed into pow/mean/rsqrt/mul by capture
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(COLS))
+
+    def forward(self, x):
+        var = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(var + 1e-6))
+
+
+class MaskedSoftmax(nn.Module):
+    def forward(self, x, mask):
+        return torch.softmax(x * 0.125 + mask, dim=-1)
+
+
+class BiasGelu(nn.Module):
+    def __init__(self, approximate):
+        super().__init__()
+        self.bias = nn.Parameter(0.1 * torch.randn(COLS))
+        self.approximate = approximate
+
+    def forward(self, x):
+        return F.gelu(x + self.bias, approximate=self.approximate)
+
+
+class GeluNew(nn.Module):  # GPT-2's gelu_new, written out: a pointwise chain of 8 ops
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class SwiGLU(nn.Module):
+    def forward(self, a, b):
+        return F.silu(a) * b
+
+
+class ScaleResidualRelu(nn.Module):
+    def forward(self, x, r):
+        return torch.relu(x * 0.5 + r)
+
+
+def inputs(name, dtype):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(ROWS, COLS, generator=g) * 3
+    if name == "softmax":
+        mask = torch.where(torch.rand(COLS, generator=g) < 0.2, float("-inf"), 0.0)
+        return x.to(dtype), mask.to(dtype)
+    if name in ("swiglu", "residual_relu"):
+        return x.to(dtype), torch.randn(ROWS, COLS, generator=g).to(dtype)
+    return (x.to(dtype),)
+
+
+PATTERNS = {  # name -> (module builder, the kernel pattern expected in the report)
+    "layernorm": (LayerNorm, "layernorm"),
+    "rmsnorm": (RMSNorm, "rmsnorm"),
+    "softmax": (MaskedSoftmax, "softmax"),
+    "bias_gelu_erf": (lambda: BiasGelu("none"), "pointwise"),
+    "bias_gelu_tanh": (lambda: BiasGelu("tanh"), "pointwise"),
+    "gelu_new": (GeluNew, "pointwise"),
+    "swiglu": (SwiGLU, "pointwise"),
+    "residual_relu": (ScaleResidualRelu, "pointwise"),
+}
+
+
+def run(module, xs, fused: bool):
+    xs = [x.clone().requires_grad_(x.dtype.is_floating_point and not torch.isinf(x).any()) for x in xs]
+    model = dsc.compile(module, {"fusion": {"enabled": True}}, example_inputs=tuple(x.detach() for x in xs)) \
+        if fused else module
+    y = model(*xs)
+    g = torch.Generator().manual_seed(3)
+    dy = torch.randn(y.shape, generator=g).to(y.dtype)
+    y.backward(dy)
+    grads = [x.grad for x in xs if x.requires_grad] + [p.grad for p in module.parameters()]
+    return model, y.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_fused_pattern_matches_eager_forward_and_backward(name, dtype):
+    build, pattern = PATTERNS[name]
+    torch.manual_seed(0)
+    ref_module = build().to(dtype)
+    torch.manual_seed(0)
+    module = build().to(dtype)
+    xs = inputs(name, dtype)
+    compiled, y, grads = run(module, xs, fused=True)
+    _, y_ref, grads_ref = run(ref_module, xs, fused=False)
+    kernels = compiled.report()["kernels"]
+    assert [k["pattern"] for k in kernels] == [pattern], kernels
+    assert all(KERNELS[k["name"]].calls["kernel"] >= 1 for k in kernels)  # the generated kernel ran
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=2e-6)
+        for g, r in zip(grads, grads_ref):  # backward recomputes the unfused ops: eager's gradient
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    else:  # one rounding to bf16 at the end vs eager's rounding after every op: a few bf16 steps apart
+        torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+        for g, r in zip(grads, grads_ref):
+            torch.testing.assert_close(g.float(), r.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_fused_call_appears_in_the_rank_graph_by_name():
+    compiled = dsc.compile(GeluNew(), {"fusion": {"enabled": True}}, example_inputs=(torch.randn(8, 16),))
+    [kernel] = compiled.report()["kernels"]
+    assert kernel["ops"].count("mul.Tensor") >= 4 and "tanh" in kernel["ops"]
+    assert f"torch.ops.dsc_fused.{kernel['name']}" in compiled.module.code
+    assert "tanh" not in compiled.module.code.replace(kernel["name"], "")  # the chain is gone
+    source = open(kernel["source"]).read()
+    assert "v_tanh" in source and kernel["name"] in source
+
+
+def test_second_compile_reuses_the_cached_kernel(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSC_CACHE_DIR", str(tmp_path))
+    x = (torch.randn(37, 53),)
+    dsc.compile(LayerNormSmall(), {"fusion": {"enabled": True}}, example_inputs=x)
+    compiles, hits = cache.stats["compiles"], cache.stats["hits"]
+    assert len(list(tmp_path.glob("k_*.so"))) == 1
+    dsc.compile(LayerNormSmall(), {"fusion": {"enabled": True}}, example_inputs=x)
+    assert cache.stats["compiles"] == compiles and cache.stats["hits"] == hits + 1
+
+
+class LayerNormSmall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(53)
+
+    def forward(self, x):
+        return self.ln(x)
+
+
+def test_ranks_compiling_the_same_kernel_at_once_do_not_corrupt_the_cache(tmp_path):
+    """Four processes build one new kernel concurrently: all load a complete library."""
+    code = ("import sys, ctypes; from dsc.codegen import cpu; "
+            "src = cpu.render('pointwise.c.j2', name='k_race', dtype='f32', replaced='test', inputs=['full'], "
+            "body=['const float t0 = v_exp(v0) * 1.2345f;'], outputs=['t0']); "
+            "fn, lib, _ = cpu.compile_kernel(src, 'k_race'); print(lib)")
+    env = dict(os.environ, DSC_CACHE_DIR=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
+    assert len({o[0].strip() for o in outs}) == 1 and len(list(tmp_path.glob("k_*.so"))) == 1
+    assert not list(tmp_path.glob("tmp*"))  # no half-written leftovers
+
+
+def test_without_a_compiler_the_ops_run_unfused_and_the_report_says_why(monkeypatch):
+    monkeypatch.setenv("DSC_NO_CC", "1")
+    module = GeluNew()
+    x = torch.randn(8, 16)
+    compiled = dsc.compile(module, {"fusion": {"enabled": True}}, example_inputs=(x,))
+    report = compiled.report()
+    assert report["kernels"] == []
+    assert any("DSC_NO_CC" in d["reason"] for d in report["declined_fusion"])
+    torch.testing.assert_close(compiled(x), module(x))
+
+
+def test_fusion_plan_section_validates():
+    from dsc.schemas import PlanError, load_plan
+
+    plan = load_plan({"fusion": {"enabled": True, "patterns": ["layernorm"]}})
+    assert plan.fusion.backend == "auto" and plan.fusion.patterns == ["layernorm"]
+    with pytest.raises(PlanError) as err:
+        load_plan({"fusion": {"enabled": True, "patterns": ["layernrom"]}})
+    assert "fusion.patterns" in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name,stages", [("gpt", "0,3"), ("hf_gpt2", "2"), ("hf_llama", "2")])
+def test_training_with_fusion_matches_eager(tmp_path, model_name, stages):
+    """5 AdamW steps on 2 ranks with generated kernels in forward (GPT-2: gelu_new chains and
+    LayerNorm; Llama: RMSNorm and SwiGLU), against single-process eager."""
+    ref_losses, ref_state, _, noise = eager_reference(model_name, 2)
+    out = tmp_path / "fused.pt"
+    dsc_run(2, TESTS / "dist_worker.py", "--model", model_name, "--stages", stages, "--steps", str(STEPS),
+            "--micro", str(MICRO), "--gas", str(GAS), "--lr", str(LR), "--clip", str(CLIP), "--fusion",
+            "--out", str(out))
+    for stage, res in torch.load(out, weights_only=False).items():
+        assert res["kernel_calls"] and all(c["kernel"] > 0 for c in res["kernel_calls"].values())
+        torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+        assert_params_close(res["state"], ref_state, noise, f"fusion ZeRO-{stage} {model_name}")
