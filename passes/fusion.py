@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -39,7 +40,7 @@ aten = torch.ops.aten
 PATTERNS = ("pointwise", "layernorm", "rmsnorm", "softmax")
 
 
-def _lit(v) -> str:
+def _lit_c(v) -> str:
     v = float(v)
     if v != v:
         return "NAN"
@@ -48,37 +49,50 @@ def _lit(v) -> str:
     return f"{v!r}f"
 
 
-# aten op -> function(args as C expressions / python scalars, kwargs) -> C expression, or None to decline
+def _lit_py(v) -> str:
+    v = float(v)
+    return f"float('{v!r}')" if v != v or v in (float("inf"), float("-inf")) else repr(v)
+
+
+LITERALS = {"c": _lit_c, "triton": _lit_py}
+
+
+# aten op -> function(args, kwargs, literal printer) -> expression, or None to decline. Node arguments
+# arrive as expression strings, scalars raw. Expressions use only + - * / and the v_* helpers that
+# both backends define (codegen/templates: common.h.j2 for C, triton_common.py.j2 for Triton).
+def _args(a, L):
+    return [x if isinstance(x, str) else L(x) for x in a]
+
+
 def _binary(fmt):
-    return lambda a, kw: fmt.format(*a)
+    return lambda a, kw, L: fmt.format(*_args(a, L))
 
 
-def _add(a, kw):
-    alpha = kw.get("alpha", 1)
-    return f"({a[0]} + {a[1]})" if alpha == 1 else f"({a[0]} + {_lit(alpha)} * {a[1]})"
+def _add(a, kw, L):
+    alpha, (x, y) = kw.get("alpha", 1), _args(a[:2], L)
+    return f"({x} + {y})" if alpha == 1 else f"({x} + {L(alpha)} * {y})"
 
 
-def _sub(a, kw):
-    alpha = kw.get("alpha", 1)
-    return f"({a[0]} - {a[1]})" if alpha == 1 else f"({a[0]} - {_lit(alpha)} * {a[1]})"
+def _sub(a, kw, L):
+    alpha, (x, y) = kw.get("alpha", 1), _args(a[:2], L)
+    return f"({x} - {y})" if alpha == 1 else f"({x} - {L(alpha)} * {y})"
 
 
-def _pow(a, kw):
-    e = a[1]
-    table = {"2.0f": "({0} * {0})", "3.0f": "({0} * {0} * {0})", "1.0f": "({0})", "0.5f": "sqrtf({0})",
-             "-1.0f": "(1.0f / {0})", "-0.5f": "(1.0f / sqrtf({0}))"}
-    return table[e].format(a[0]) if e in table else None
+def _pow(a, kw, L):
+    table = {2.0: "({0} * {0})", 3.0: "({0} * {0} * {0})", 1.0: "({0})", 0.5: "v_sqrt({0})",
+             -1.0: "v_recip({0})", -0.5: "v_rsqrt({0})"}
+    return table[float(a[1])].format(a[0]) if float(a[1]) in table else None
 
 
-def _gelu(a, kw):
+def _gelu(a, kw, L):
     return f"v_gelu_tanh({a[0]})" if kw.get("approximate", "none") == "tanh" else f"v_gelu_erf({a[0]})"
 
 
-def _dropout(a, kw):
-    return a[0] if a[1] == "0.0f" or a[2] == "false" else None  # p > 0 in training: declined (RNG)
+def _dropout(a, kw, L):
+    return a[0] if not isinstance(a[1], str) and (a[1] == 0 or a[2] is False) else None  # p > 0: RNG, declined
 
 
-def _same(a, kw):
+def _same(a, kw, L):
     return a[0]
 
 
@@ -87,11 +101,11 @@ OPS = {
     aten.mul.Tensor: _binary("({0} * {1})"), aten.mul.Scalar: _binary("({0} * {1})"),
     aten.div.Tensor: _binary("({0} / {1})"), aten.div.Scalar: _binary("({0} / {1})"),
     aten.rsub.Scalar: _binary("({1} - {0})"),
-    aten.neg.default: _binary("(-{0})"), aten.relu.default: _binary("({0} < 0.0f ? 0.0f : {0})"),
+    aten.neg.default: _binary("(-{0})"), aten.relu.default: _binary("v_relu({0})"),
     aten.gelu.default: _gelu, aten.silu.default: _binary("v_silu({0})"),
     aten.sigmoid.default: _binary("v_sigmoid({0})"), aten.tanh.default: _binary("v_tanh({0})"),
-    aten.exp.default: _binary("v_exp({0})"), aten.rsqrt.default: _binary("(1.0f / sqrtf({0}))"),
-    aten.sqrt.default: _binary("sqrtf({0})"), aten.pow.Tensor_Scalar: _pow,
+    aten.exp.default: _binary("v_exp({0})"), aten.rsqrt.default: _binary("v_rsqrt({0})"),
+    aten.sqrt.default: _binary("v_sqrt({0})"), aten.pow.Tensor_Scalar: _pow,
     aten.dropout.default: _dropout, aten.clone.default: _same, aten.alias.default: _same,
     aten.contiguous.default: _same, aten.to.dtype: _same, aten._to_copy.default: _same,
 }
@@ -130,8 +144,9 @@ class Group:
 class Kernel:
     """A fused group at run time: its generated kernel per dtype, and the unfused reference."""
 
-    def __init__(self, name: str, group: Group, ref: torch.fx.GraphModule, kinds: list[str], shape, cols: int):
-        self.name, self.pattern, self.params = name, group.pattern, dict(group.params)
+    def __init__(self, name: str, group: Group, ref: torch.fx.GraphModule, kinds: list[str], shape, cols: int,
+                 backend: str = "cpu"):
+        self.name, self.pattern, self.params, self.backend = name, group.pattern, dict(group.params), backend
         self.ref, self.kinds, self.shape, self.cols = ref, kinds, tuple(shape), cols
         self.replaced = [_short(n.target) for n in group.nodes]
         self.input_shapes = [tuple(_val(x).shape) for x in group.inputs]
@@ -139,21 +154,46 @@ class Kernel:
         self.compiled: dict[torch.dtype, object] = {}
         self.sources: dict[torch.dtype, str] = {}
         self.calls = {"kernel": 0, "fallback": 0}
+        self._pool: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def _output(self, i: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """An output buffer. Without autograd (inference) the previous call's buffer is reused when
+        nothing else holds it (no Python reference, no view of its storage): a fresh large buffer
+        costs page faults that can exceed the kernel's own time. With autograd on, a later op may
+        have saved the old output for backward, so every call gets a new buffer."""
+        if not torch.is_grad_enabled():
+            buf = self._pool.get((i, dtype))
+            # Python references: the pool, `buf`, getrefcount's argument; storage references: the
+            # tensor and the temporary storage object that untyped_storage() returns
+            if buf is not None and sys.getrefcount(buf) == 3 and \
+                    torch._C._storage_Use_Count(buf.untyped_storage()._cdata) == 2:
+                return buf
+            buf = self._pool[(i, dtype)] = torch.empty(self.shape, dtype=dtype, device=device)
+            return buf
+        return torch.empty(self.shape, dtype=dtype, device=device)
 
     def source(self, dtype: torch.dtype) -> str:
         from dsc.codegen import cpu
 
         common = {"name": self.name, "dtype": cpu.DTYPES[dtype], "replaced": ", ".join(self.replaced)}
+        ext = ".py.j2" if self.backend == "triton" else ".c.j2"
         if self.pattern == "pointwise":
-            return cpu.render("pointwise.c.j2", inputs=self.kinds, **self.params, **common)
+            return cpu.render("pointwise" + ext, inputs=self.kinds, **self.params, **common)
         if self.pattern in ("layernorm", "rmsnorm"):
-            return cpu.render("rownorm.c.j2", kind=self.pattern, lanes=8, **self.params, **common)
-        return cpu.render("softmax.c.j2", **self.params, **common)
+            return cpu.render("rownorm" + ext, kind=self.pattern, lanes=8, **self.params, **common)
+        return cpu.render("softmax" + ext, **self.params, **common)
 
     def build(self, dtype: torch.dtype) -> str:
         """Compile (or find in the cache) the kernel for `dtype`; returns the source path."""
         from dsc.codegen import cpu
 
+        if self.backend == "triton":
+            from dsc.codegen import triton as triton_backend
+
+            mod, src = triton_backend.load(self.source(dtype))
+            self.compiled[dtype] = mod.launch
+            self.sources[dtype] = str(src)
+            return str(src)
         fn, _, src = cpu.compile_kernel(self.source(dtype), self.name)
         self.compiled[dtype] = fn
         self.sources[dtype] = str(src)
@@ -164,7 +204,8 @@ class Kernel:
 
         tensors = [x for x in xs if x is not None]
         dtype = tensors[0].dtype
-        usable = (dtype in cpu.DTYPES and all(x.dtype == dtype and x.device.type == "cpu" for x in tensors)
+        device = "cuda" if self.backend == "triton" and tensors[0].is_cuda else "cpu"
+        usable = (dtype in cpu.DTYPES and all(x.dtype == dtype and x.device.type == device for x in tensors)
                   and [tuple(x.shape) for x in tensors] == [s for s, x in zip(self.input_shapes, xs) if x is not None])
         if not usable:
             self.calls["fallback"] += 1
@@ -177,8 +218,10 @@ class Kernel:
         self.calls["kernel"] += 1
         xs = [x.contiguous() if x is not None else None for x in xs]
         rows = max(1, _numel(self.shape) // max(self.cols, 1))
-        outs = [torch.empty(self.shape, dtype=dtype) for _ in range(self.n_out)]
-        if self.pattern == "pointwise":
+        outs = [self._output(i, dtype, tensors[0].device) for i in range(self.n_out)]
+        if self.backend == "triton":
+            fn(xs, outs, rows, self.cols, **self.params)
+        elif self.pattern == "pointwise":
             fn(*[cpu.ptr(x) for x in xs], *[cpu.ptr(o) for o in outs], _i64(rows), _i64(self.cols))
         elif self.pattern in ("layernorm", "rmsnorm"):
             x, w, b = (xs + [None, None])[:3]
@@ -335,17 +378,9 @@ def find_pointwise(graph: torch.fx.Graph, taken: set) -> tuple[list[Group], list
     return groups, declined
 
 
-def _emit(n: torch.fx.Node, env: dict) -> str | None:
-    def arg(a):
-        if isinstance(a, torch.fx.Node):
-            return env.get(a, "0")
-        if isinstance(a, bool):
-            return "true" if a else "false"
-        if isinstance(a, (int, float)):
-            return _lit(a)
-        return a
-
-    return OPS[n.target]([arg(a) for a in n.args], dict(n.kwargs))
+def _emit(n: torch.fx.Node, env: dict, lang: str = "c") -> str | None:
+    args = [env.get(a, "0") if isinstance(a, torch.fx.Node) else a for a in n.args]
+    return OPS[n.target](args, dict(n.kwargs), LITERALS[lang])
 
 
 def find_layernorms(graph, taken) -> list[Group]:
@@ -454,13 +489,14 @@ def _reference(group: Group) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(torch.nn.Module(), g)
 
 
-def _pointwise_params(group: Group) -> dict:
+def _pointwise_params(group: Group, lang: str = "c") -> dict:
+    """The group as straight-line code: one temporary per op, in graph order."""
     env, body = {}, []
     for i, x in enumerate(group.inputs):
         env[x] = f"v{i}"
     for j, n in enumerate(group.nodes):
-        expr = _emit(n, env)
-        body.append(f"const float t{j} = {expr};")
+        expr = _emit(n, env, lang)
+        body.append(f"const float t{j} = {expr};" if lang == "c" else f"t{j} = {expr}")
         env[n] = f"t{j}"
     return {"body": body, "outputs": [env[o] for o in group.outputs]}
 
@@ -477,27 +513,32 @@ def _place(graph: torch.fx.Graph, group: Group) -> torch.fx.Node | None:
     return list(graph.nodes)[at]
 
 
+def _graph_device(gm: torch.fx.GraphModule) -> str:
+    p = next((p for p in gm.parameters() if p.device.type != "meta"), None)
+    return p.device.type if p is not None else "cpu"
+
+
 def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
     """Find fusible groups, generate and compile a kernel for each, and call it from the graph."""
     from dsc.codegen import cpu
 
+    from dsc.codegen import triton as triton_backend
+
     cfg = ctx.plan.fusion
     declined = []
+    device = _graph_device(gm)
     backend = cfg.backend
-    if backend in ("auto", "triton"):
-        if backend == "triton":
-            declined.append({"what": "fusion.backend=triton", "reason": "the Triton backend is not built yet in "
-                             "this dsc version; the ops run unfused"})
-            return PassResult(summary="fusion: declined (triton backend not built yet)", declined=declined,
-                              details={"kernels": []})
-        backend = "cpu"
+    if backend == "auto":
+        backend = "triton" if device == "cuda" and triton_backend.available("cuda")[0] else "cpu"
     if ctx.plan.precision.dtype != "fp32":
         declined.append({"what": "fusion", "reason": f"precision {ctx.plan.precision.dtype} runs the graph under "
                          "autocast, whose per-op casts the fused kernels do not reproduce yet; ops run unfused"})
         return PassResult(summary="fusion: declined under autocast", declined=declined, details={"kernels": []})
-    ok, why = cpu.available()
+    ok, why = triton_backend.available(device) if backend == "triton" else cpu.available()
+    if backend == "cpu" and device == "cuda":
+        ok, why = False, "the C backend runs on CPU tensors and this graph's are on the GPU"
     if not ok:
-        declined.append({"what": "fusion.backend=cpu", "reason": f"{why}; the ops run unfused"})
+        declined.append({"what": f"fusion.backend={backend}", "reason": f"{why}; the ops run unfused"})
         return PassResult(summary=f"fusion: declined ({why})", declined=declined, details={"kernels": []})
 
     graph = gm.graph
@@ -524,17 +565,17 @@ def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
         space = tuple(_val(grp.outputs[0]).shape)
         cols = space[-1] if space else 1
         if grp.pattern == "pointwise":
-            grp.params = _pointwise_params(grp)
+            grp.params = _pointwise_params(grp, "triton" if backend == "triton" else "c")
             kinds = [_kind(_val(x).shape, space) for x in grp.inputs]
         else:
             kinds = ["full" for _ in grp.inputs]
         ops = "-".join(dict.fromkeys(_short(n.target) for n in grp.nodes if n.target in TRANSCENDENTAL
                                      or grp.pattern != "pointwise"))
         dtype = _val(grp.outputs[0]).dtype
-        what = (grp.pattern, grp.params, kinds, space, str(dtype), [_short(n.target) for n in grp.nodes])
+        what = (backend, grp.pattern, grp.params, kinds, space, str(dtype), [_short(n.target) for n in grp.nodes])
         digest = hashlib.sha256(repr(what).encode()).hexdigest()[:8]  # same computation -> same kernel
         name = f"{grp.pattern}_{ops.replace('_', '')[:24] + '_' if grp.pattern == 'pointwise' and ops else ''}{digest}"
-        kernel = KERNELS.get(name) or Kernel(name, grp, ref, kinds, space, cols)
+        kernel = KERNELS.get(name) or Kernel(name, grp, ref, kinds, space, cols, backend)
         try:
             src = kernel.build(dtype)
         except Exception as exc:  # noqa: BLE001  (a compiler error declines the group, it never breaks training)

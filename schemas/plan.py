@@ -246,9 +246,10 @@ class Fusion(Section):
     enabled: bool = False
     """Fuse (off by default)."""
     backend: Literal["auto", "triton", "cpu", "none"] = "auto"
-    """"cpu": C/OpenMP kernels compiled with the system C compiler. "triton": GPU kernels (not
-    built yet in this version: declined, ops run unfused). "auto": the best available. "none":
-    find and report groups' fallback only (nothing is fused)."""
+    """"cpu": C/OpenMP kernels compiled with the system C compiler. "triton": Triton kernels
+    (GPU; on CPU only under TRITON_INTERPRET=1, for testing). "auto": Triton for a model on the
+    GPU, else cpu. "none": fuse nothing. An unavailable backend is declined in the report and
+    the ops run unfused."""
     patterns: list[Literal["pointwise", "layernorm", "rmsnorm", "softmax"]] = list(FUSION_PATTERNS)
     """Which patterns to fuse: pointwise (chains of pointwise ops: bias/residual adds, GELU,
     SiLU, scale, ...), layernorm, rmsnorm, softmax (with scale and additive mask)."""

@@ -213,3 +213,40 @@ def test_training_with_fusion_matches_eager(tmp_path, model_name, stages):
         assert res["kernel_calls"] and all(c["kernel"] > 0 for c in res["kernel_calls"].values())
         torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
         assert_params_close(res["state"], ref_state, noise, f"fusion ZeRO-{stage} {model_name}")
+
+
+TRITON_PATTERNS = ["layernorm", "rmsnorm", "softmax", "bias_gelu_erf", "gelu_new", "swiglu"]
+
+
+@pytest.mark.parametrize("name", TRITON_PATTERNS)
+def test_triton_kernels_under_the_interpreter_match_eager(name, monkeypatch):
+    """The Triton backend on CPU tensors through TRITON_INTERPRET=1 (on a GPU the same kernels run
+    natively); a small irregular shape keeps the interpreter quick."""
+    pytest.importorskip("triton", reason="triton is not installed (it is in requirements-dev.txt)")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET was not set before triton was imported (see conftest.py)")
+    build, pattern = PATTERNS[name]
+    torch.manual_seed(0)
+    ref_module = build()
+    torch.manual_seed(0)
+    module = build()
+    xs = [x[:67] if x.dim() == 2 else x for x in inputs(name, torch.float32)]
+    xs = [x.clone().requires_grad_(not torch.isinf(x).any()) for x in xs]
+    compiled = dsc.compile(module, {"fusion": {"enabled": True, "backend": "triton"}},
+                           example_inputs=tuple(x.detach() for x in xs))
+    [kernel] = compiled.report()["kernels"]
+    assert kernel["backend"] == "triton" and kernel["pattern"] == pattern and kernel["source"].endswith(".py")
+    y = compiled(*xs)
+    assert KERNELS[kernel["name"]].calls["kernel"] >= 1
+    y_ref = ref_module(*[x.detach() for x in xs])
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=2e-6)
+    y.sum().backward()  # backward recomputes the unfused ops
+    assert all(x.grad is not None for x in xs if x.requires_grad)
+
+
+def test_triton_without_gpu_or_interpreter_is_declined(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    compiled = dsc.compile(GeluNew(), {"fusion": {"enabled": True, "backend": "triton"}},
+                           example_inputs=(torch.randn(4, 8),))
+    report = compiled.report()
+    assert report["kernels"] == [] and "backend=triton" in report["declined_fusion"][0]["what"]

@@ -1,0 +1,257 @@
+"""Kernel-fusion benchmark: eager vs torch.compile (Inductor) vs dsc's generated kernels.
+
+For each pattern at transformer sizes (8192x1024 and 4096x4096 by default) in fp32 and bf16, in one
+process, on the same inputs: the median time of a forward call (no autograd) for eager PyTorch,
+torch.compile's default mode (Inductor, C++ backend on CPU), and dsc (`dsc.compile` with
+`fusion.enabled`, which runs the generated C/OpenMP kernel); achieved bandwidth = the bytes an
+ideal fused kernel must read and write / time, also as a fraction of this machine's copy bandwidth
+(measured here: `dst.copy_(src)` on the same number of bytes). Calls of the three contenders are
+interleaved, so load from other processes hits them alike; compare ratios within a run.
+
+Then a whole transformer block (the example GPT's Block, or a transformers Llama decoder layer with
+--block llama) forward + backward: eager vs torch.compile vs dsc with fusion.
+
+    python benchmarks/bench_fusion.py                         # all patterns, both sizes, fp32 + bf16
+    python benchmarks/bench_fusion.py --patterns layernorm,rmsnorm --dtypes fp32 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.ln = nn.LayerNorm(n)
+
+    def forward(self, x):
+        return self.ln(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+class MaskedSoftmax(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+
+    def forward(self, x, mask):
+        return torch.softmax(x * 0.125 + mask, dim=-1)
+
+
+class BiasGelu(nn.Module):
+    def __init__(self, n, approximate="none"):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(n))
+        self.approximate = approximate
+
+    def forward(self, x):
+        return F.gelu(x + self.bias, approximate=self.approximate)
+
+
+class GeluNew(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+
+    def forward(self, a, b):
+        return F.silu(a) * b
+
+
+class ResidualScale(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+
+    def forward(self, x, r):
+        return x * 0.5 + r
+
+
+# name -> (module, number of full-size inputs, extra per-row-vector inputs, outputs)
+PATTERNS = {
+    "layernorm": (LayerNorm, 1, 0, 1),
+    "rmsnorm": (RMSNorm, 1, 0, 1),
+    "softmax_mask": (MaskedSoftmax, 1, 1, 1),
+    "bias_gelu": (BiasGelu, 1, 0, 1),
+    "bias_gelu_tanh": (lambda n: BiasGelu(n, "tanh"), 1, 0, 1),
+    "gelu_new": (GeluNew, 1, 0, 1),
+    "swiglu": (SwiGLU, 2, 0, 1),
+    "residual_scale": (ResidualScale, 2, 0, 1),
+}
+
+
+def median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def interleaved(fns: dict, reps: int) -> dict:
+    """Median seconds per contender, calls interleaved round-robin."""
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def copy_bandwidth(nbytes: int, reps: int) -> float:
+    src = torch.empty(nbytes // 4, dtype=torch.float32).normal_()
+    dst = torch.empty_like(src)
+    t = median_time(lambda: dst.copy_(src), reps)
+    return 2 * nbytes / t
+
+
+def bench_pattern(name, rows, cols, dtype, reps):
+    import dsc
+
+    build, n_full, n_vec, n_out = PATTERNS[name]
+    torch.manual_seed(0)
+    module = build(cols).to(dtype)
+    xs = [torch.randn(rows, cols).to(dtype) for _ in range(n_full)]
+    xs += [torch.where(torch.rand(cols) < 0.1, float("-inf"), 0.0).to(dtype) for _ in range(n_vec)]
+    params = sum(p.numel() for p in module.parameters())
+    elt = xs[0].element_size()
+    ideal = elt * (rows * cols * (n_full + n_out) + cols * n_vec + params)
+    compiled = torch.compile(module)
+    fused = dsc.compile(module, {"fusion": {"enabled": True}}, example_inputs=tuple(xs))
+    kernels = [k["name"] for k in fused.report()["kernels"]]
+    with torch.no_grad():
+        for fn in (module, compiled, fused):  # warm up (Inductor compiles here)
+            for _ in range(3):
+                fn(*xs)
+        ref = module(*xs).float()
+        err = float((fused(*xs).float() - ref).abs().max())
+        t = interleaved({"eager": lambda: module(*xs), "inductor": lambda: compiled(*xs),
+                         "dsc": lambda: fused(*xs)}, reps)
+    return {"pattern": name, "shape": f"{rows}x{cols}", "dtype": str(dtype).replace("torch.", ""),
+            "bytes": ideal, "kernels": kernels, "max_abs_err_vs_eager": err,
+            **{f"{k}_s": v for k, v in t.items()}, **{f"{k}_GBps": ideal / v / 1e9 for k, v in t.items()}}
+
+
+def bench_block(kind: str, dtype, reps: int, batch: int, seq: int):
+    import dsc
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+        cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=8)
+
+        class Block(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.layer, self.rope = LlamaDecoderLayer(cfg, 0), LlamaRotaryEmbedding(cfg)
+
+            def forward(self, x):
+                pos = torch.arange(x.shape[1])[None]
+                return self.layer(x, position_embeddings=self.rope(x, pos))[0].float().mean()
+
+        block, width = Block(), 1024
+    else:
+        from gpt import Block as GPTBlock, GPTConfig
+
+        class Block(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.block = GPTBlock(GPTConfig(n_embd=1024, n_head=16))
+
+            def forward(self, x):
+                return self.block(x).mean()
+
+        block, width = Block(), 1024
+    block = block.to(dtype)
+    x = torch.randn(batch, seq, width).to(dtype)
+    fused = dsc.compile(block, {"fusion": {"enabled": True}}, example_inputs=(x,))
+    compiled = torch.compile(block)
+
+    def step(fn):
+        def go():
+            xi = x.detach().requires_grad_()
+            fn(xi).backward()
+        return go
+
+    for fn in (block, compiled, fused):
+        for _ in range(2):
+            step(fn)()
+    t = interleaved({"eager": step(block), "inductor": step(compiled), "dsc": step(fused)}, reps)
+    return {"block": kind, "shape": f"{batch}x{seq}x{width}", "dtype": str(dtype).replace("torch.", ""),
+            "kernels": len(fused.report()["kernels"]), **{f"{k}_s": v for k, v in t.items()}}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--patterns", default=",".join(PATTERNS))
+    p.add_argument("--shapes", default="8192x1024,4096x4096")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--block", default="gpt", choices=["gpt", "llama", "none"])
+    p.add_argument("--block-batch", type=int, default=4)
+    p.add_argument("--block-seq", type=int, default=256)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
+    copy = copy_bandwidth(max(r * c for r, c in shapes) * 4, args.reps)
+    rows = []
+    for dt in args.dtypes.split(","):
+        for name in args.patterns.split(","):
+            for r, c in shapes:
+                res = bench_pattern(name, r, c, DTYPES[dt], args.reps)
+                rows.append(res)
+                print(json.dumps(res) if args.json else
+                      f"{name:<15} {res['shape']:>9} {res['dtype']:<8} "
+                      + "  ".join(f"{k} {res[k + '_GBps']:5.1f} GB/s ({res[k + '_GBps'] * 1e9 / copy:4.0%})"
+                                  for k in ("eager", "inductor", "dsc"))
+                      + f"  dsc/eager {res['eager_s'] / res['dsc_s']:.2f}x  dsc/inductor "
+                        f"{res['inductor_s'] / res['dsc_s']:.2f}x  err {res['max_abs_err_vs_eager']:.1e}", flush=True)
+    print(f"copy bandwidth (read + write): {copy / 1e9:.1f} GB/s, {args.threads} threads")
+    if args.block != "none":
+        for dt in args.dtypes.split(","):
+            res = bench_block(args.block, DTYPES[dt], max(5, args.reps // 2), args.block_batch, args.block_seq)
+            print(json.dumps(res) if args.json else
+                  f"{args.block} block fwd+bwd {res['shape']} {res['dtype']}: eager {res['eager_s'] * 1e3:.1f} ms, "
+                  f"inductor {res['inductor_s'] * 1e3:.1f} ms, dsc {res['dsc_s'] * 1e3:.1f} ms "
+                  f"({res['kernels']} kernels): dsc/eager {res['eager_s'] / res['dsc_s']:.2f}x, "
+                  f"dsc/inductor {res['inductor_s'] / res['dsc_s']:.2f}x", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
