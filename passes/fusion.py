@@ -161,7 +161,7 @@ class Kernel:
         nothing else holds it (no Python reference, no view of its storage): a fresh large buffer
         costs page faults that can exceed the kernel's own time. With autograd on, a later op may
         have saved the old output for backward, so every call gets a new buffer."""
-        if not torch.is_grad_enabled():
+        if REUSE_OUTPUTS and not torch.is_grad_enabled():
             buf = self._pool.get((i, dtype))
             # Python references: the pool, `buf`, getrefcount's argument; storage references: the
             # tensor and the temporary storage object that untyped_storage() returns
@@ -224,9 +224,14 @@ class Kernel:
         elif self.pattern == "pointwise":
             fn(*[cpu.ptr(x) for x in xs], *[cpu.ptr(o) for o in outs], _i64(rows), _i64(self.cols))
         elif self.pattern in ("layernorm", "rmsnorm"):
-            x, w, b = (xs + [None, None])[:3]
-            fn(cpu.ptr(x), cpu.ptr(w), cpu.ptr(b), cpu.ptr(outs[0]), _i64(rows), _i64(self.cols),
-               _f32(self.params["eps"]))
+            if self.params.get("has_residual"):  # inputs x, r, w, b; outputs h = x + r, LN(h)
+                x, r, w, b = xs
+                fn(cpu.ptr(x), cpu.ptr(r), cpu.ptr(outs[0]), cpu.ptr(w), cpu.ptr(b), cpu.ptr(outs[1]),
+                   _i64(rows), _i64(self.cols), _f32(self.params["eps"]))
+            else:
+                x, w, b = (xs + [None, None])[:3]
+                fn(cpu.ptr(x), cpu.ptr(w), cpu.ptr(b), cpu.ptr(outs[0]), _i64(rows), _i64(self.cols),
+                   _f32(self.params["eps"]))
         else:
             x, mask = (xs + [None])[:2]
             mask_rows = max(1, mask.numel() // self.cols) if mask is not None else 1
@@ -253,6 +258,7 @@ def _f32(v):
 
 
 KERNELS: dict[str, Kernel] = {}  # name -> kernel, for the custom ops (one per process)
+REUSE_OUTPUTS = True  # without autograd, reuse a kernel's free output buffer (benchmarks turn it off)
 
 
 def _register_op(name: str) -> None:
@@ -383,7 +389,10 @@ def _emit(n: torch.fx.Node, env: dict, lang: str = "c") -> str | None:
     return OPS[n.target](args, dict(n.kwargs), LITERALS[lang])
 
 
-def find_layernorms(graph, taken) -> list[Group]:
+def find_layernorms(graph, taken, residual: bool = True) -> list[Group]:
+    """layer_norm over the last dimension; with `residual`, a preceding `add` of two tensors of the
+    same shape (the transformer's residual stream) joins it: the kernel writes the sum h and
+    LN(h) in one pass (h usually feeds the next residual add too)."""
     out = []
     for n in graph.nodes:
         if n.op == "call_function" and n.target is aten.layer_norm.default and n not in taken and _float_tensor(n):
@@ -393,10 +402,17 @@ def find_layernorms(graph, taken) -> list[Group]:
             eps = n.args[4] if len(n.args) > 4 else 1e-5
             if len(shape) != 1 or not all(_val(t).dtype == _val(n).dtype for t in (x, w, b) if t is not None):
                 continue
-            out.append(Group("layernorm", [n], [x, w, b], [n], {"eps": eps, "has_weight": w is not None,
-                                                              "has_bias": b is not None},
-                             [(0, 0), (0, 2) if w is not None else (None, None),
-                              (0, 3) if b is not None else (None, None)]))
+            params = {"eps": eps, "has_weight": w is not None, "has_bias": b is not None, "has_residual": False}
+            wb = [(0, 2) if w is not None else (None, None), (0, 3) if b is not None else (None, None)]
+            add = x
+            if residual and getattr(add, "target", None) is aten.add.Tensor and add not in taken and \
+                    not add.kwargs and all(isinstance(a, torch.fx.Node) and _val(a).shape == _val(add).shape
+                                           and _val(a).dtype == _val(n).dtype for a in add.args[:2]):
+                params["has_residual"] = True
+                out.append(Group("layernorm", [add, n], [add.args[0], add.args[1], w, b], [add, n], params,
+                                 [(0, 0), (0, 1), *[(i + 1 if i is not None else None, j) for i, j in wb]]))
+            else:
+                out.append(Group("layernorm", [n], [x, w, b], [n], params, [(0, 0), *wb]))
     return out
 
 
@@ -547,8 +563,8 @@ def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
             graph.erase_node(n)
     taken: set = set()
     groups: list[Group] = []
-    for pattern, finder in (("rmsnorm", find_rmsnorms), ("layernorm", find_layernorms),
-                            ("softmax", find_softmaxes)):
+    layernorms = lambda g, t: find_layernorms(g, t, residual=backend == "cpu")  # noqa: E731
+    for pattern, finder in (("rmsnorm", find_rmsnorms), ("layernorm", layernorms), ("softmax", find_softmaxes)):
         if pattern in cfg.patterns:
             for grp in finder(graph, taken):
                 if not any(n in taken for n in grp.nodes):

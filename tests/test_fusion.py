@@ -35,6 +35,12 @@ class LayerNorm(nn.Module):
         return self.ln(x)
 
 
+class ResidualLayerNorm(LayerNorm):  # h = x + r feeds the norm and the next residual: one kernel
+    def forward(self, x, r):
+        h = x + r
+        return self.ln(h) + h
+
+
 class RMSNorm(nn.Module):  # Llama's formulation, decomposed into pow/mean/rsqrt/mul by capture
     def __init__(self):
         super().__init__()
@@ -81,13 +87,14 @@ def inputs(name, dtype):
     if name == "softmax":
         mask = torch.where(torch.rand(COLS, generator=g) < 0.2, float("-inf"), 0.0)
         return x.to(dtype), mask.to(dtype)
-    if name in ("swiglu", "residual_relu"):
+    if name in ("swiglu", "residual_relu", "residual_layernorm"):
         return x.to(dtype), torch.randn(ROWS, COLS, generator=g).to(dtype)
     return (x.to(dtype),)
 
 
 PATTERNS = {  # name -> (module builder, the kernel pattern expected in the report)
     "layernorm": (LayerNorm, "layernorm"),
+    "residual_layernorm": (ResidualLayerNorm, "layernorm"),
     "rmsnorm": (RMSNorm, "rmsnorm"),
     "softmax": (MaskedSoftmax, "softmax"),
     "bias_gelu_erf": (lambda: BiasGelu("none"), "pointwise"),
@@ -124,6 +131,8 @@ def test_fused_pattern_matches_eager_forward_and_backward(name, dtype):
     kernels = compiled.report()["kernels"]
     assert [k["pattern"] for k in kernels] == [pattern], kernels
     assert all(KERNELS[k["name"]].calls["kernel"] >= 1 for k in kernels)  # the generated kernel ran
+    if name == "residual_layernorm":
+        assert kernels[0]["ops"] == ["add.Tensor", "layer_norm"]
     if dtype == torch.float32:
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=2e-6)
         for g, r in zip(grads, grads_ref):  # backward recomputes the unfused ops: eager's gradient
