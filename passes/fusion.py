@@ -455,8 +455,8 @@ def find_rmsnorms(graph, taken) -> list[Group]:
         if any(len(c.users) != 1 for c in (pw, mean, add, r)) or any(c in taken for c in chain):
             continue
         chain.append(nxt)
-        out.append(Group("rmsnorm", chain, [x, w], [nxt], {"eps": add.args[1], "has_weight": True, "has_residual": False,
-                                                            "has_bias": False},
+        params = {"eps": add.args[1], "has_weight": True, "has_bias": False, "has_residual": False}
+        out.append(Group("rmsnorm", chain, [x, w], [nxt], params,
                          [(0, 0), (len(chain) - 1, nxt.args.index(w))]))
     return out
 
