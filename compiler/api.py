@@ -36,6 +36,7 @@ from dsc.passes.precision import relax_dtype_asserts
 from .capture import call_args, capture
 from .pass_manager import CompileContext
 from .pipeline import RankProgram, compile_rank, rank_coords
+from dsc.passes.fusion import inference as fused_inference
 from dsc.passes.tensor_parallel import shard_tensor_parallel
 from .report import build_report, explain
 
@@ -179,7 +180,7 @@ class CompiledModel(nn.Module):
         else:
             graph = self._program.gm
             hooks = self._engine.forward_context() if self._engine is not None else contextlib.nullcontext()
-        with hooks, autocast(self._plan.precision, self._device_type()):
+        with hooks, autocast(self._plan.precision, self._device_type()), fused_inference(not torch.is_grad_enabled()):
             return graph(*args, **kwargs)
 
     def _device_type(self) -> str:

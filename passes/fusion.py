@@ -26,9 +26,11 @@ inputs under autograd, so gradients are eager's by construction; only the inputs
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import operator
 import sys
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -157,11 +159,13 @@ class Kernel:
         self._pool: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
     def _output(self, i: int, dtype: torch.dtype, device) -> torch.Tensor:
-        """An output buffer. Without autograd (inference) the previous call's buffer is reused when
-        nothing else holds it (no Python reference, no view of its storage): a fresh large buffer
-        costs page faults that can exceed the kernel's own time. With autograd on, a later op may
-        have saved the old output for backward, so every call gets a new buffer."""
-        if REUSE_OUTPUTS and not torch.is_grad_enabled():
+        """An output buffer. When the compiled model runs without autograd (inference) the previous
+        call's buffer is reused if nothing else holds it (no Python reference, no view of its
+        storage): a fresh large buffer costs page faults that can exceed the kernel's own time.
+        With autograd on, a later op may have saved the old output for backward (a reference no
+        count here can see), so every call gets a new buffer. The mode is the caller's, recorded by
+        `inference()`: inside a custom op grad mode is always off."""
+        if REUSE_OUTPUTS and getattr(_state, "inference", False):
             buf = self._pool.get((i, dtype))
             # Python references: the pool, `buf`, getrefcount's argument; storage references: the
             # tensor and the temporary storage object that untyped_storage() returns
@@ -259,6 +263,20 @@ def _f32(v):
 
 KERNELS: dict[str, Kernel] = {}  # name -> kernel, for the custom ops (one per process)
 REUSE_OUTPUTS = True  # without autograd, reuse a kernel's free output buffer (benchmarks turn it off)
+_state = threading.local()
+_state.inference = False
+
+
+@contextlib.contextmanager
+def inference(enabled: bool):
+    """Within this block, fused kernels may reuse output buffers (`enabled` = the caller runs
+    without autograd). `CompiledModel.forward` wraps every call in it."""
+    old = getattr(_state, "inference", False)
+    _state.inference = enabled
+    try:
+        yield
+    finally:
+        _state.inference = old
 
 
 def _register_op(name: str) -> None:

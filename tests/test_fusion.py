@@ -153,6 +153,32 @@ def test_fused_call_appears_in_the_rank_graph_by_name():
     assert "v_tanh" in source and kernel["name"] in source
 
 
+class GeluNewSquared(GeluNew):
+    def forward(self, x):
+        y = super().forward(x)
+        return y * y  # mul saves y for backward: only autograd holds the kernel's output then
+
+
+def test_training_never_reuses_an_output_that_autograd_saved():
+    """Two forwards before one backward: the first output must survive the second call."""
+    module = GeluNewSquared()
+    x1, x2 = torch.randn(64, 96), torch.randn(64, 96)
+    compiled = dsc.compile(module, {"fusion": {"enabled": True}}, example_inputs=(x1,))
+    a, b = x1.clone().requires_grad_(), x2.clone().requires_grad_()
+    out1 = compiled(a)
+    compiled(b)  # with reuse this call would overwrite the buffer that out1's backward reads
+    out1.sum().backward()
+    ref = x1.clone().requires_grad_()
+    module(ref).sum().backward()
+    torch.testing.assert_close(a.grad, ref.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # inference: the buffer is reused once nothing holds it
+        [k] = compiled.report()["kernels"]
+        compiled(x1)
+        first = KERNELS[k["name"]]._pool[(0, torch.float32)].data_ptr()
+        compiled(x2)
+        assert KERNELS[k["name"]]._pool[(0, torch.float32)].data_ptr() == first
+
+
 def test_second_compile_reuses_the_cached_kernel(tmp_path, monkeypatch):
     monkeypatch.setenv("DSC_CACHE_DIR", str(tmp_path))
     x = (torch.randn(37, 53),)
