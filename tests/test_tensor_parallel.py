@@ -257,3 +257,17 @@ def test_tensor_parallel_bf16_matches_eager_autocast(tmp_path):
     for k, v in ref_state.items():
         err, scale = float((res["state"][k] - v).double().norm()), float(v.double().norm())
         assert err <= tol * scale, f"bf16 tp=2 {k}: |diff| {err:.3g} vs |ref| {scale:.3g}"
+
+
+@pytest.mark.slow
+def test_tensor_parallel_with_fusion_matches_eager(tmp_path):
+    """tp=2 with generated kernels: fusion runs on each rank's local (sharded) ops."""
+    ref_losses, ref_state, _, noise = eager_reference("hf_llama", 1)
+    out = tmp_path / "tp_fused.pt"
+    dsc_run(2, TESTS / "dist_worker.py", "--model", "hf_llama", "--stages", "0", "--steps", str(STEPS),
+            "--micro", str(MICRO), "--gas", str(GAS), "--lr", str(LR), "--clip", str(CLIP), "--tp", "2",
+            "--vocab", str(VOCAB), "--fusion", "--out", str(out))
+    res = torch.load(out, weights_only=False)[0]
+    assert res["kernel_calls"] and all(c["kernel"] > 0 for c in res["kernel_calls"].values())
+    torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
+    assert_params_close(res["state"], ref_state, noise, "tp=2 + fusion hf_llama")
