@@ -157,6 +157,26 @@ class Kernel:
         self.sources: dict[torch.dtype, str] = {}
         self.calls = {"kernel": 0, "fallback": 0}
         self._pool: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self._autocast: dict = {}  # input dtypes + autocast dtype -> dtype the kernel runs in
+
+    def _autocast_inputs(self, xs: list) -> list:
+        """Under autocast, eager would run the group's ops with autocast's casts (LayerNorm in fp32,
+        say). The kernel computes in fp32 and rounds once, so it matches eager when its inputs are
+        cast to the dtype the group's outputs would have: found once per input-dtype signature by
+        running the unfused ops on fake tensors under the same autocast state."""
+        device = next(x for x in xs if x is not None).device.type
+        key = (tuple(x.dtype if x is not None else None for x in xs), torch.get_autocast_dtype(device))
+        target = self._autocast.get(key)
+        if target is None:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                outs = self.ref(*[mode.from_tensor(x) if x is not None else None for x in xs])
+            dtypes = {o.dtype for o in (outs if isinstance(outs, (tuple, list)) else (outs,))}
+            target = self._autocast[key] = dtypes.pop() if len(dtypes) == 1 else False
+        if not target:
+            return xs
+        return [x.to(target) if x is not None and x.is_floating_point() and x.dtype != target else x for x in xs]
 
     def _output(self, i: int, dtype: torch.dtype, device) -> torch.Tensor:
         """An output buffer. When the compiled model runs without autograd (inference) the previous
@@ -207,6 +227,9 @@ class Kernel:
         from dsc.codegen import cpu
 
         tensors = [x for x in xs if x is not None]
+        if torch.is_autocast_enabled(tensors[0].device.type):
+            xs = self._autocast_inputs(xs)
+            tensors = [x for x in xs if x is not None]
         dtype = tensors[0].dtype
         device = "cuda" if self.backend == "triton" and tensors[0].is_cuda else "cpu"
         usable = (dtype in cpu.DTYPES and all(x.dtype == dtype and x.device.type == device for x in tensors)
@@ -296,18 +319,21 @@ def _register_op(name: str) -> None:
 
     def setup(ctx, inputs, output):
         ctx.save_for_backward(*inputs[0])
+        device = next(x for x in inputs[0] if x is not None).device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
 
     def backward(ctx, grads):
-        xs = [x.detach().requires_grad_(x.is_floating_point()) for x in ctx.saved_tensors]
-        with torch.enable_grad():
+        xs = [x.detach().requires_grad_(x.is_floating_point()) if x is not None else None for x in ctx.saved_tensors]
+        device, enabled, dtype = ctx.autocast  # recompute as forward ran: under the same autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             outs = KERNELS[name].ref(*xs)
         outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-        need = [x for x in xs if x.requires_grad]
+        need = [x for x in xs if x is not None and x.requires_grad]
         if not pairs or not need:
             return [None] * len(xs)
         got = iter(torch.autograd.grad([o for o, _ in pairs], need, [g for _, g in pairs], allow_unused=True))
-        return [next(got) if x.requires_grad else None for x in xs]
+        return [next(got) if x is not None and x.requires_grad else None for x in xs]
 
     op.register_autograd(backward, setup_context=setup)
 
@@ -564,10 +590,6 @@ def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
     backend = cfg.backend
     if backend == "auto":
         backend = "triton" if device == "cuda" and triton_backend.available("cuda")[0] else "cpu"
-    if ctx.plan.precision.dtype != "fp32":
-        declined.append({"what": "fusion", "reason": f"precision {ctx.plan.precision.dtype} runs the graph under "
-                         "autocast, whose per-op casts the fused kernels do not reproduce yet; ops run unfused"})
-        return PassResult(summary="fusion: declined under autocast", declined=declined, details={"kernels": []})
     ok, why = triton_backend.available(device) if backend == "triton" else cpu.available()
     if backend == "cpu" and device == "cuda":
         ok, why = False, "the C backend runs on CPU tensors and this graph's are on the GPU"

@@ -285,3 +285,24 @@ def test_triton_without_gpu_or_interpreter_is_declined(monkeypatch):
                            example_inputs=(torch.randn(4, 8),))
     report = compiled.report()
     assert report["kernels"] == [] and "backend=triton" in report["declined_fusion"][0]["what"]
+
+
+@pytest.mark.slow
+def test_bf16_autocast_training_with_fusion_matches_eager_autocast(tmp_path):
+    """precision bf16 (the graph runs under autocast): fused groups run in the dtype autocast would
+    give their outputs (LayerNorm/RMSNorm in fp32, bf16 pointwise chains in bf16) and backward
+    recomputes under the same autocast state; within the bf16 bound of the ZeRO tests."""
+    from test_parity_dp import LOW_TOL
+
+    ref_losses, ref_state, _, _ = eager_reference("hf_llama", 2, "bf16")
+    out = tmp_path / "bf16_fused.pt"
+    dsc_run(2, TESTS / "dist_worker.py", "--model", "hf_llama", "--stages", "2", "--steps", str(STEPS),
+            "--micro", str(MICRO), "--gas", str(GAS), "--lr", str(LR), "--clip", str(CLIP), "--fusion",
+            "--precision", "bf16", "--out", str(out))
+    res = torch.load(out, weights_only=False)[2]
+    assert res["kernel_calls"] and all(c["kernel"] > 0 for c in res["kernel_calls"].values())
+    tol = LOW_TOL["bf16"]
+    torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=tol, atol=0)
+    for k, v in ref_state.items():
+        err, scale = float((res["state"][k] - v).double().norm()), float(v.double().norm())
+        assert err <= tol * scale, f"bf16 + fusion {k}: |diff| {err:.3g} vs |ref| {scale:.3g}"
