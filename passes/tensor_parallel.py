@@ -397,7 +397,6 @@ class _Propagation:
                         self.fail(u, f"parameter {name} is sharded but also read here", )
 
     def site(self, node: torch.fx.Node, s: Site) -> None:
-        tp = self.tp
         if s.kind == "embedding":
             if s.style != "vocab":
                 self.fail(node, f"{s.module}: an embedding can only be 'vocab' or 'replicate'")

@@ -18,7 +18,7 @@ import dsc
 from dsc.codegen import cache
 from dsc.passes.fusion import KERNELS
 
-from helpers import ROOT, TESTS, dsc_run
+from helpers import TESTS, dsc_run
 from test_parity_dp import CLIP, GAS, LR, MICRO, STEPS, assert_params_close, eager_reference
 
 ROWS, COLS = 1823, 781  # irregular: no multiple of a vector width or a thread count
