@@ -27,6 +27,7 @@ inputs under autograd, so gradients are eager's by construction; only the inputs
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import operator
 import sys
@@ -36,6 +37,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
+from dsc.codegen import cpu
+from dsc.codegen import triton as triton_backend
 from dsc.pass_manager import CompileContext, PassResult
 
 aten = torch.ops.aten
@@ -197,7 +200,6 @@ class Kernel:
         return torch.empty(self.shape, dtype=dtype, device=device)
 
     def source(self, dtype: torch.dtype) -> str:
-        from dsc.codegen import cpu
 
         common = {"name": self.name, "dtype": cpu.DTYPES[dtype], "replaced": ", ".join(self.replaced)}
         ext = ".py.j2" if self.backend == "triton" else ".c.j2"
@@ -209,10 +211,8 @@ class Kernel:
 
     def build(self, dtype: torch.dtype) -> str:
         """Compile (or find in the cache) the kernel for `dtype`; returns the source path."""
-        from dsc.codegen import cpu
 
         if self.backend == "triton":
-            from dsc.codegen import triton as triton_backend
 
             mod, src = triton_backend.load(self.source(dtype))
             self.compiled[dtype] = mod.launch
@@ -224,7 +224,6 @@ class Kernel:
         return str(src)
 
     def __call__(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        from dsc.codegen import cpu
 
         tensors = [x for x in xs if x is not None]
         if torch.is_autocast_enabled(tensors[0].device.type):
@@ -275,12 +274,10 @@ def _numel(shape) -> int:
 
 
 def _i64(v):
-    import ctypes
     return ctypes.c_int64(int(v))
 
 
 def _f32(v):
-    import ctypes
     return ctypes.c_float(float(v))
 
 
@@ -580,9 +577,7 @@ def _graph_device(gm: torch.fx.GraphModule) -> str:
 
 def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
     """Find fusible groups, generate and compile a kernel for each, and call it from the graph."""
-    from dsc.codegen import cpu
 
-    from dsc.codegen import triton as triton_backend
 
     cfg = ctx.plan.fusion
     declined = []

@@ -170,7 +170,7 @@ _BARRIERS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.mean.
              aten.cross_entropy_loss.default}
 
 
-def decide(gm: torch.fx.GraphModule, sites: list[Site], tp: int, rules) -> Decision:
+def decide(sites: list[Site], rules) -> Decision:
     """Assign a style to every site: auto pairing, then the plan's table on top."""
     by_node = {s.node: s for s in sites}
     vocab = max((s.out_features for s in sites if s.kind == "embedding"), default=None)
@@ -303,8 +303,8 @@ def _groups(a: tuple[int, ...], b: tuple[int, ...]):
 class _Propagation:
     """Placements of every node for one set of styles; collects the rewrites to apply."""
 
-    def __init__(self, gm: torch.fx.GraphModule, dec: Decision, tp: int, rank: int):
-        self.gm, self.dec, self.tp, self.rank = gm, dec, tp, rank
+    def __init__(self, gm: torch.fx.GraphModule, dec: Decision, tp: int):
+        self.gm, self.dec, self.tp = gm, dec, tp
         self.place: dict[torch.fx.Node, object] = {}
         self.origin: dict[torch.fx.Node, frozenset] = {}
         self.params: dict[str, Shard] = {}  # canonical name -> placement
@@ -669,8 +669,9 @@ class _Propagation:
         self.set(node, None, logits)
 
 
-def propagate(gm, dec: Decision, tp: int, rank: int) -> _Propagation:
-    prop = _Propagation(gm, dec, tp, rank)
+def propagate(gm, dec: Decision, tp: int) -> _Propagation:
+    """Placements for every node under `dec` (rank-independent); raises ShardingError."""
+    prop = _Propagation(gm, dec, tp)
     prop.run()
     return prop
 
@@ -884,11 +885,11 @@ def shard_tensor_parallel(gm: torch.fx.GraphModule, ctx: CompileContext) -> Pass
                             "tensor parallelism needs an aten graph from torch.export; this model was "
                             "captured with symbolic_trace (see the capture notes for why export failed)")
     sites = find_sites(gm, gm.meta.get("dsc.module_prefix", ""))
-    dec = decide(gm, sites, tp, cfg.rules)
+    dec = decide(sites, cfg.rules)
     declined = []
     while True:
         try:
-            prop = propagate(gm, dec, tp, rank)
+            prop = propagate(gm, dec, tp)
             break
         except ShardingError as err:
             culprits = set(err.origins) or {s.module for s in sites if s.node is err.node}

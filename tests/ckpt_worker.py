@@ -12,8 +12,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 import dsc  # noqa: E402
-import models  # noqa: E402
-from models import MODELS, dataset, loss_of, rank_micro_batches  # noqa: E402
+from models import MODELS, add_parallel_args, dataset, join_job, loss_of, rank_micro_batches  # noqa: E402
 
 GLOBAL = 4
 
@@ -26,15 +25,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--load")
     p.add_argument("--save")
-    p.add_argument("--tp", type=int, default=1, help="tensor_parallel.size")
-    p.add_argument("--vocab", type=int, default=None)
+    add_parallel_args(p)
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    if args.vocab:
-        models.set_vocab(args.vocab)
-    dsc.runtime.mesh.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    rank, world = rank // args.tp, world // args.tp  # data-parallel coordinates: tp ranks share a batch
+    _, _, rank, world = join_job(args)  # data-parallel coordinates: tp ranks share a batch
     build, batch = MODELS[args.model]
     data = dataset(args.start + args.steps + 1, GLOBAL)
     plan = {"zero": {"stage": args.stage, "reduce_bucket_size": 3000, "prefetch_bucket_size": 3000,

@@ -15,8 +15,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 import dsc  # noqa: E402
-import models  # noqa: E402
-from models import MODELS, dataset, loss_of, rank_micro_batches  # noqa: E402
+from models import MODELS, add_parallel_args, dataset, join_job, loss_of, rank_micro_batches  # noqa: E402
 
 
 def plan_for(stage: int, args) -> dict:
@@ -49,17 +48,11 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--all-reduce", action="store_true", help="zero.reduce_scatter = false")
     p.add_argument("--allgather-bucket", type=int, default=500_000_000)
-    p.add_argument("--tp", type=int, default=1, help="tensor_parallel.size")
     p.add_argument("--fusion", action="store_true", help="fusion.enabled (generated kernels)")
-    p.add_argument("--vocab", type=int, default=None, help="vocabulary size of the model and data")
+    add_parallel_args(p)
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    if args.vocab:
-        models.set_vocab(args.vocab)
-
-    dsc.runtime.mesh.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    dp, dp_rank = world // args.tp, rank // args.tp  # tensor-parallel ranks share a batch
+    rank, world, dp_rank, dp = join_job(args)
     build, batch = MODELS[args.model]
     gb = args.micro * args.gas * dp
     data = dataset(args.steps, gb)

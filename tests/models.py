@@ -21,6 +21,25 @@ def _tokens(n: int, seed: int, seq: int = SEQ) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, seq + 1), generator=g)
 
 
+def add_parallel_args(p) -> None:
+    """The options every multi-rank worker takes: tensor-parallel size and vocabulary."""
+    p.add_argument("--tp", type=int, default=1, help="tensor_parallel.size")
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size of the model and data")
+
+
+def join_job(args) -> tuple[int, int, int, int]:
+    """Set the vocabulary, join the torchrun job; (rank, world, dp_rank, dp). Tensor-parallel ranks
+    are adjacent and share a batch, so data is split by the data-parallel coordinate."""
+    import dsc
+    import torch.distributed as dist
+
+    if args.vocab:
+        set_vocab(args.vocab)
+    dsc.runtime.mesh.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return rank, world, rank // args.tp, world // args.tp
+
+
 def set_vocab(n: int) -> None:
     """Vocabulary of every model built (and token drawn) from now on: 97 (prime) exercises
     ZeRO padding; tensor-parallel runs use one divisible by tp (vocabulary-parallel embedding)."""
