@@ -46,6 +46,7 @@ def _load_model_file(path: str, entry: str):
 def cmd_compile(args) -> int:
     from dsc.api import model_info
     from dsc.capture import call_args, capture
+    from dsc.passes.tensor_parallel import ShardingError, ShardingRuleError
     from dsc.pipeline import compile_rank, graph_code
     from dsc.report import build_report, explain
     from dsc.schemas import PlanError, load_plan
@@ -71,7 +72,11 @@ def cmd_compile(args) -> int:
     for r in range(args.world_size):
         if args.world_size > 1:
             _progress(f"compiling rank {r + 1}/{args.world_size}")
-        programs.append(compile_rank(captured, plan, r, args.world_size, a, kw))
+        try:
+            programs.append(compile_rank(captured, plan, r, args.world_size, a, kw))
+        except (ShardingError, ShardingRuleError) as e:  # the plan asks for a sharding this model cannot take
+            print(f"dsc: {e}", file=sys.stderr)
+            return 1
     _progress(f"compiled {args.world_size} rank(s) in {time.perf_counter() - t0:.2f} s")
     report = build_report(model, plan, captured, programs)
     if args.out:

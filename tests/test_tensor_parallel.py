@@ -271,3 +271,17 @@ def test_tensor_parallel_with_fusion_matches_eager(tmp_path):
     assert res["kernel_calls"] and all(c["kernel"] > 0 for c in res["kernel_calls"].values())
     torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
     assert_params_close(res["state"], ref_state, noise, "tp=2 + fusion hf_llama")
+
+
+def test_cli_reports_an_impossible_sharding_as_an_error_not_a_traceback(tmp_path):
+    import json
+    import subprocess
+
+    from helpers import ROOT, dsc_cmd
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"tensor_parallel": {"size": 2, "rules": {"blocks.*.attn.c_attn": "rowwise"}}}))
+    proc = subprocess.run([*dsc_cmd(), "compile", "examples/gpt.py", "--config", str(plan), "--world-size", "2"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "tensor_parallel" in proc.stderr and "blocks.0.attn.c_attn" in proc.stderr
