@@ -13,8 +13,7 @@ Reads node.meta: `val`. Writes node.meta: `val` on new nodes, `dsc.kernel` on fu
 Patterns (plan `fusion.patterns`):
 - pointwise: any connected group of pointwise ops (add/sub/mul/div, bias and residual adds,
   GELU exact/tanh and its decomposed form, SiLU, sigmoid, tanh, exp, ReLU, scale, pow by small
-  integers, rsqrt, no-op casts and dropout with p=0) whose intermediate values are used only
-  inside the group; operands may be full tensors, per-column vectors (biases), per-row values or
+  integers, rsqrt, no-op casts, dropout) whose intermediate values are used only inside the group; operands may be full tensors, per-column vectors (biases), per-row values or
   scalars. Several escaping values make a multi-output kernel.
 - layernorm: `aten.layer_norm` over the last dimension (weight and bias optional).
 - rmsnorm: the decomposed RMSNorm of Llama-style models (pow 2, mean, add eps, rsqrt, mul, weight).
@@ -22,6 +21,13 @@ Patterns (plan `fusion.patterns`):
 
 Backward: a fused op's gradient recomputes the group's original (unfused) ops from the saved
 inputs under autograd, so gradients are eager's by construction; only the inputs are saved.
+
+Dropout (p > 0, training) draws from a counter-based RNG instead of torch's generator: element i
+of a call with seed s is kept when a hash of (s, i) clears p (codegen/templates/common.h.j2). The
+seed is drawn from torch's default generator once per call (so `torch.manual_seed` makes runs
+repeatable) and returned as the op's last output; backward rebuilds the same mask from it in
+PyTorch ops (`dropout_keep`). The masks are not eager's: they have the same distribution, not
+the same draws.
 """
 
 from __future__ import annotations
@@ -94,7 +100,62 @@ def _gelu(a, kw, L):
 
 
 def _dropout(a, kw, L):
-    return a[0] if not isinstance(a[1], str) and (a[1] == 0 or a[2] is False) else None  # p > 0: RNG, declined
+    return a[0] if not isinstance(a[1], str) and (a[1] == 0 or a[2] is False) else None  # p > 0: _pointwise_params
+
+
+# -- dropout's counter-based RNG (the kernels' dsc_hash, common.h.j2) ----------------------------------
+M32 = 0xFFFFFFFF
+DROPOUT_SALT = 0x632BE59B  # dropout site k of a kernel draws with seed + k * DROPOUT_SALT
+
+
+def _random_dropout(n: torch.fx.Node) -> bool:
+    """A dropout node that drops something: p > 0 (or not a constant) in training."""
+    if n.target is not aten.dropout.default:
+        return False
+    p, train = _dropout_args(n)
+    return isinstance(p, torch.fx.Node) or isinstance(train, torch.fx.Node) or (p != 0 and train is not False)
+
+
+def _dropout_args(n: torch.fx.Node) -> tuple:
+    """(p, train) of an aten.dropout node."""
+    p = n.args[1] if len(n.args) > 1 else n.kwargs.get("p", 0.5)
+    train = n.args[2] if len(n.args) > 2 else n.kwargs.get("train", True)
+    return p, train
+
+
+def _dropout_constants(p: float) -> tuple[int, float]:
+    """(threshold on the hash's top 24 bits, scale of kept values): torch's native dropout scales
+    kept values by 1 / (1 - p) computed in fp32."""
+    thresh = min(1 << 24, int(round(float(p) * (1 << 24))))
+    keep = torch.tensor(1.0 - float(p), dtype=torch.float32)
+    scale = 0.0 if float(p) >= 1.0 else float(torch.tensor(1.0, dtype=torch.float32) / keep)
+    return thresh, scale
+
+
+def _mul32(a: torch.Tensor, b: int) -> torch.Tensor:
+    """(a * b) mod 2**32 for int64 tensors a in [0, 2**32) and constant b < 2**32, without
+    overflowing int64."""
+    return ((a & 0xFFFF) * b + ((((a >> 16) * b) & 0xFFFF) << 16)) & M32
+
+
+def dropout_keep(shape, p: float, seed: int, device=None) -> torch.Tensor:
+    """The mask a fused kernel draws for `seed` over an iteration space of `shape` (row-major
+    element counter), as a bool tensor (True = kept): dsc_hash of common.h.j2 in PyTorch ops."""
+    thresh, _ = _dropout_constants(p)
+    i = torch.arange(_numel(shape), dtype=torch.int64, device=device)
+    h = (int(seed) & M32) ^ _mul32(i >> 32, 0x85EBCA77)
+    h = (h + _mul32(i & M32, 0x9E3779B1)) & M32
+    h = _mul32(h ^ (h >> 16), 0x7FEB352D)
+    h = _mul32(h ^ (h >> 15), 0x846CA68B)
+    h = h ^ (h >> 16)
+    return ((h >> 8) >= thresh).view(tuple(shape))
+
+
+def _dropout_ref(x: torch.Tensor, p: float, seed: torch.Tensor, salt: int) -> torch.Tensor:
+    """Dropout as the kernel computes it (the recompute for backward, and the fallback)."""
+    _, scale = _dropout_constants(p)
+    keep = dropout_keep(x.shape, p, (int(seed) + salt) & M32, x.device)
+    return torch.where(keep, x * scale, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _same(a, kw, L):
@@ -156,6 +217,7 @@ class Kernel:
         self.replaced = [_short(n.target) for n in group.nodes]
         self.input_shapes = [tuple(_val(x).shape) for x in group.inputs]
         self.n_out = len(group.outputs)
+        self.seeded = bool(group.params.get("seeded"))  # draws dropout masks: the seed is an extra output
         self.compiled: dict[torch.dtype, object] = {}
         self.sources: dict[torch.dtype, str] = {}
         self.calls = {"kernel": 0, "fallback": 0}
@@ -174,7 +236,8 @@ class Kernel:
             from torch._subclasses.fake_tensor import FakeTensorMode
 
             with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                outs = self.ref(*[mode.from_tensor(x) if x is not None else None for x in xs])
+                outs = self.ref(*[mode.from_tensor(x) if x is not None else None for x in xs],
+                                *([torch.zeros((), dtype=torch.int64)] if self.seeded else []))
             dtypes = {o.dtype for o in (outs if isinstance(outs, (tuple, list)) else (outs,))}
             target = self._autocast[key] = dtypes.pop() if len(dtypes) == 1 else False
         if not target:
@@ -233,10 +296,11 @@ class Kernel:
         device = "cuda" if self.backend == "triton" and tensors[0].is_cuda else "cpu"
         usable = (dtype in cpu.DTYPES and all(x.dtype == dtype and x.device.type == device for x in tensors)
                   and [tuple(x.shape) for x in tensors] == [s for s, x in zip(self.input_shapes, xs) if x is not None])
+        seeds = [torch.randint(0, 1 << 32, (), dtype=torch.int64, device=tensors[0].device)] if self.seeded else []
         if not usable:
             self.calls["fallback"] += 1
-            out = self.ref(*xs)
-            return [o.contiguous() for o in (out if isinstance(out, (tuple, list)) else (out,))]
+            out = self.ref(*xs, *seeds)
+            return [o.contiguous() for o in (out if isinstance(out, (tuple, list)) else (out,))] + seeds
         fn = self.compiled.get(dtype)
         if fn is None:
             self.build(dtype)
@@ -246,9 +310,10 @@ class Kernel:
         rows = max(1, _numel(self.shape) // max(self.cols, 1))
         outs = [self._output(i, dtype, tensors[0].device) for i in range(self.n_out)]
         if self.backend == "triton":
-            fn(xs, outs, rows, self.cols, **self.params)
+            fn(xs, outs, rows, self.cols, **({"seed": int(seeds[0])} if seeds else {}), **self.params)
         elif self.pattern == "pointwise":
-            fn(*[cpu.ptr(x) for x in xs], *[cpu.ptr(o) for o in outs], _i64(rows), _i64(self.cols))
+            fn(*[cpu.ptr(x) for x in xs], *[cpu.ptr(o) for o in outs], _i64(rows), _i64(self.cols),
+               *[ctypes.c_uint32(int(t)) for t in seeds])
         elif self.pattern in ("layernorm", "rmsnorm"):
             if self.params.get("has_residual"):  # inputs x, r, w, b; outputs h = x + r, LN(h)
                 x, r, w, b = xs
@@ -263,7 +328,7 @@ class Kernel:
             mask_rows = max(1, mask.numel() // self.cols) if mask is not None else 1
             fn(cpu.ptr(x), cpu.ptr(mask), cpu.ptr(outs[0]), _i64(rows), _i64(self.cols), _i64(mask_rows),
                _f32(self.params["scale"]))
-        return outs
+        return outs + seeds
 
 
 def _numel(shape) -> int:
@@ -312,18 +377,21 @@ def _register_op(name: str) -> None:
     def _(xs):
         k = KERNELS[name]
         dtype = next(x for x in xs if x is not None).dtype
-        return [xs[0].new_empty(k.shape, dtype=dtype) for _ in range(k.n_out)]
+        seeds = [xs[0].new_empty((), dtype=torch.int64)] if k.seeded else []
+        return [xs[0].new_empty(k.shape, dtype=dtype) for _ in range(k.n_out)] + seeds
 
     def setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[0])
+        ctx.n_in = len(inputs[0])
+        ctx.save_for_backward(*inputs[0], *output[len(output) - KERNELS[name].seeded:])
         device = next(x for x in inputs[0] if x is not None).device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
 
     def backward(ctx, grads):
-        xs = [x.detach().requires_grad_(x.is_floating_point()) if x is not None else None for x in ctx.saved_tensors]
+        saved = ctx.saved_tensors
+        xs = [x.detach().requires_grad_(x.is_floating_point()) if x is not None else None for x in saved[:ctx.n_in]]
         device, enabled, dtype = ctx.autocast  # recompute as forward ran: under the same autocast
         with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-            outs = KERNELS[name].ref(*xs)
+            outs = KERNELS[name].ref(*xs, *saved[ctx.n_in:])  # + the seed: dropout redraws the same mask
         outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
         need = [x for x in xs if x is not None and x.requires_grad]
@@ -351,7 +419,9 @@ def _pointwise_ok(n: torch.fx.Node) -> bool:
 
 
 def _kind(shape, space) -> str | None:
-    """How an operand of `shape` is read in the iteration space (rows x cols)."""
+    """How an operand of `shape` is read in the iteration space (rows x cols): "full", "vec" (per
+    column), "row" (per row), "one" (a scalar) or "inner:R" (the trailing dimensions of the space,
+    repeated over the leading ones: R rows of cols, like a position embedding over a batch)."""
     shape, space = list(shape), list(space)
     numel = _numel(shape)
     if shape == space:
@@ -365,6 +435,9 @@ def _kind(shape, space) -> str | None:
         return "vec"
     if pad[-1] == 1 and pad[:-1] == space[:-1]:
         return "row"
+    lead = next(k for k, d in enumerate(pad) if d != 1)
+    if pad[lead:] == space[lead:] and lead < len(space) - 1:  # repeats over leading dims (positions)
+        return f"inner:{numel // space[-1]}"  # element (r, c) reads row r % that, column c
     return None
 
 
@@ -394,7 +467,7 @@ def find_pointwise(graph: torch.fx.Graph, taken: set) -> tuple[list[Group], list
         members = set(nodes)
         outputs = [n for n in nodes if any(u not in members for u in n.users)]
         ops = [_short(n.target) for n in nodes]
-        heavy = any(n.target in TRANSCENDENTAL for n in nodes)
+        heavy = any(n.target in TRANSCENDENTAL or _random_dropout(n) for n in nodes)
         if len(nodes) < 2 and not heavy:
             if nodes[0].target not in (aten.clone.default, aten.alias.default, aten.contiguous.default,
                                        aten.to.dtype, aten._to_copy.default, aten.dropout.default):
@@ -415,11 +488,17 @@ def find_pointwise(graph: torch.fx.Graph, taken: set) -> tuple[list[Group], list
         bad = [x.name for x, k in zip(inputs, kinds) if k is None or not isinstance(_val(x), torch.Tensor)]
         if bad or not space:
             declined.append({"what": ", ".join(n.name for n in nodes), "reason": f"operand(s) {bad} broadcast in "
-                             "a way the kernel does not index (only full, per-column, per-row or scalar)"})
+                             "a way the kernel does not index (only full, per-column, per-row, "
+                             "repeated over leading dimensions or scalar)"})
             continue
-        if any(n.target is aten.dropout.default and _emit(n, {}) is None for n in nodes):
-            declined.append({"what": ", ".join(n.name for n in nodes), "reason": "dropout with p > 0 (needs the "
-                             "counter-based RNG, not built yet)"})
+        drops = [n for n in nodes if _random_dropout(n)]
+        if any(isinstance(a, torch.fx.Node) for n in drops for a in _dropout_args(n)):
+            declined.append({"what": ", ".join(n.name for n in nodes), "reason": "dropout whose p or train flag "
+                             "is computed in the graph (the kernel needs constants)"})
+            continue
+        if any(list(_val(n).shape) != space for n in drops):
+            declined.append({"what": ", ".join(n.name for n in nodes), "reason": "dropout of a broadcast operand "
+                             "(its mask would be drawn per element of the iteration space)"})
             continue
         groups.append(Group("pointwise", nodes, inputs, outputs))
     return groups, declined
@@ -533,29 +612,42 @@ def find_softmaxes(graph, taken) -> list[Group]:
 
 
 def _reference(group: Group) -> torch.fx.GraphModule:
-    """The group's original ops as a graph module: inputs -> (outputs...)."""
+    """The group's original ops as a graph module: inputs (then the seed, if the group drops
+    out) -> (outputs...). Dropout runs as the kernel draws it (`_dropout_ref`)."""
     g = torch.fx.Graph()
     env = {}
     for i, x in enumerate(group.inputs):
         if x is None:
             continue
         env[x] = g.placeholder(f"in{i}")
+    drops = [n for n in group.nodes if _random_dropout(n)]
+    seed = g.placeholder("seed") if drops else None
     for n in group.nodes:
-        env[n] = g.node_copy(n, lambda a: env[a])
+        if n in drops:
+            p, _ = _dropout_args(n)
+            env[n] = g.call_function(_dropout_ref, (env[n.args[0]], float(p), seed, drops.index(n) * DROPOUT_SALT & M32))
+        else:
+            env[n] = g.node_copy(n, lambda a: env[a])
     g.output(tuple(env[o] for o in group.outputs))
     return torch.fx.GraphModule(torch.nn.Module(), g)
 
 
 def _pointwise_params(group: Group, lang: str = "c") -> dict:
     """The group as straight-line code: one temporary per op, in graph order."""
-    env, body = {}, []
+    env, body, sites = {}, [], 0
     for i, x in enumerate(group.inputs):
         env[x] = f"v{i}"
     for j, n in enumerate(group.nodes):
-        expr = _emit(n, env, lang)
+        if _random_dropout(n):
+            thresh, scale = _dropout_constants(_dropout_args(n)[0])
+            salt, u = sites * DROPOUT_SALT & M32, "u" if lang == "c" else ""
+            expr = f"v_dropout({env[n.args[0]]}, seed + {salt}{u}, i, {thresh}{u}, {LITERALS[lang](scale)})"
+            sites += 1
+        else:
+            expr = _emit(n, env, lang)
         body.append(f"const float t{j} = {expr};" if lang == "c" else f"t{j} = {expr}")
         env[n] = f"t{j}"
-    return {"body": body, "outputs": [env[o] for o in group.outputs]}
+    return {"body": body, "outputs": [env[o] for o in group.outputs], "seeded": sites > 0}
 
 
 def _place(graph: torch.fx.Graph, group: Group) -> torch.fx.Node | None:
@@ -639,9 +731,11 @@ def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
             continue
         KERNELS[name] = kernel
         _register_op(name)
+        dropout_p = [float(_dropout_args(n)[0]) for n in grp.nodes if _random_dropout(n)]
         with graph.inserting_before(at):
             call = graph.call_function(getattr(torch.ops.dsc_fused, name).default, ([*grp.inputs],))
-            call.meta["val"] = [torch.empty(space, dtype=dtype, device="meta") for _ in grp.outputs]
+            call.meta["val"] = [torch.empty(space, dtype=dtype, device="meta") for _ in grp.outputs] + \
+                ([torch.empty((), dtype=torch.int64, device="meta")] if kernel.seeded else [])
             call.meta["dsc.kernel"] = name
             outs = []
             for i, o in enumerate(grp.outputs):
@@ -658,6 +752,8 @@ def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
             entry = {"name": name, "backend": backend, "pattern": grp.pattern,
                      "ops": [_short(n.target) for n in grp.nodes], "nodes": [], "uses": 0,
                      "inputs": kinds, "shape": list(space), "dtype": str(dtype).replace("torch.", ""), "source": src}
+            if dropout_p:
+                entry["dropout_p"] = dropout_p  # drawn with dsc's counter-based RNG, not torch's
             kernels.append(entry)
         entry["uses"] += 1
         entry["nodes"].append([n.name for n in grp.nodes])

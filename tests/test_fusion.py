@@ -71,6 +71,15 @@ class GeluNew(nn.Module):  # GPT-2's gelu_new, written out: a pointwise chain of
         return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
+class PositionGelu(nn.Module):  # a [1, T, C] operand repeated over the batch (position embeddings)
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, 263, COLS))
+
+    def forward(self, x):
+        return F.gelu(x + self.pos, approximate="tanh") * 0.5
+
+
 class SwiGLU(nn.Module):
     def forward(self, a, b):
         return F.silu(a) * b
@@ -83,6 +92,8 @@ class ScaleResidualRelu(nn.Module):
 
 def inputs(name, dtype):
     g = torch.Generator().manual_seed(7)
+    if name == "position_gelu":  # 7 x 263 x 781: a batch of sequences
+        return ((torch.randn(7, 263, COLS, generator=g) * 3).to(dtype),)
     x = torch.randn(ROWS, COLS, generator=g) * 3
     if name == "softmax":
         mask = torch.where(torch.rand(COLS, generator=g) < 0.2, float("-inf"), 0.0)
@@ -101,6 +112,7 @@ PATTERNS = {  # name -> (module builder, the kernel pattern expected in the repo
     "bias_gelu_tanh": (lambda: BiasGelu("tanh"), "pointwise"),
     "gelu_new": (GeluNew, "pointwise"),
     "swiglu": (SwiGLU, "pointwise"),
+    "position_gelu": (PositionGelu, "pointwise"),
     "residual_relu": (ScaleResidualRelu, "pointwise"),
 }
 
@@ -133,6 +145,8 @@ def test_fused_pattern_matches_eager_forward_and_backward(name, dtype):
     assert all(KERNELS[k["name"]].calls["kernel"] >= 1 for k in kernels)  # the generated kernel ran
     if name == "residual_layernorm":
         assert kernels[0]["ops"] == ["add.Tensor", "layer_norm"]
+    if name == "position_gelu":
+        assert kernels[0]["inputs"] == ["full", "inner:263"]
     if dtype == torch.float32:
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=2e-6)
         for g, r in zip(grads, grads_ref):  # backward recomputes the unfused ops: eager's gradient
@@ -202,7 +216,7 @@ def test_ranks_compiling_the_same_kernel_at_once_do_not_corrupt_the_cache(tmp_pa
     """Four processes build one new kernel concurrently: all load a complete library."""
     code = ("import sys, ctypes; from dsc.codegen import cpu; "
             "src = cpu.render('pointwise.c.j2', name='k_race', dtype='f32', replaced='test', inputs=['full'], "
-            "body=['const float t0 = v_exp(v0) * 1.2345f;'], outputs=['t0']); "
+            "body=['const float t0 = v_exp(v0) * 1.2345f;'], outputs=['t0'], seeded=False); "
             "fn, lib, _ = cpu.compile_kernel(src, 'k_race'); print(lib)")
     env = dict(os.environ, DSC_CACHE_DIR=str(tmp_path))
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -250,7 +264,7 @@ def test_training_with_fusion_matches_eager(tmp_path, model_name, stages):
         assert_params_close(res["state"], ref_state, noise, f"fusion ZeRO-{stage} {model_name}")
 
 
-TRITON_PATTERNS = ["layernorm", "rmsnorm", "softmax", "bias_gelu_erf", "gelu_new", "swiglu"]
+TRITON_PATTERNS = ["layernorm", "rmsnorm", "softmax", "bias_gelu_erf", "gelu_new", "swiglu", "position_gelu"]
 
 
 @pytest.mark.parametrize("name", TRITON_PATTERNS)
@@ -265,7 +279,7 @@ def test_triton_kernels_under_the_interpreter_match_eager(name, monkeypatch):
     ref_module = build()
     torch.manual_seed(0)
     module = build()
-    xs = [x[:67] if x.dim() == 2 else x for x in inputs(name, torch.float32)]
+    xs = [x[:67] if x.dim() == 2 else x[:2] if x.dim() == 3 else x for x in inputs(name, torch.float32)]
     xs = [x.clone().requires_grad_(not torch.isinf(x).any()) for x in xs]
     compiled = dsc.compile(module, {"fusion": {"enabled": True, "backend": "triton"}},
                            example_inputs=tuple(x.detach() for x in xs))
@@ -277,6 +291,96 @@ def test_triton_kernels_under_the_interpreter_match_eager(name, monkeypatch):
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=2e-6)
     y.sum().backward()  # backward recomputes the unfused ops
     assert all(x.grad is not None for x in xs if x.requires_grad)
+
+
+class BiasGeluDropoutResidual(nn.Module):  # GPT-2's MLP tail: bias, GELU, dropout, residual add
+    def __init__(self, p=0.1, cols=COLS):
+        super().__init__()
+        self.bias = nn.Parameter(0.1 * torch.randn(cols))
+        self.p = p
+
+    def forward(self, x, r):
+        return F.dropout(F.gelu(x + self.bias), self.p, training=self.training) + r
+
+
+class TwoDropouts(nn.Module):  # two dropout sites in one kernel must draw independent masks
+    def forward(self, x):
+        return F.dropout(x, 0.5) * F.dropout(x, 0.5)
+
+
+def _dropout_run(module, x, r, seed):
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    y = module(x, r)
+    y.backward(torch.ones_like(y) * 0.5)
+    return y.detach(), x.grad
+
+
+def test_dropout_fuses_with_a_counter_based_rng_and_backward_redraws_the_same_mask():
+    from dsc.passes.fusion import dropout_keep
+
+    torch.manual_seed(0)
+    module = BiasGeluDropoutResidual(p=0.1)
+    x, r = inputs("residual_relu", torch.float32)
+    compiled = dsc.compile(module, {"fusion": {"enabled": True}}, example_inputs=(x, r))
+    [kernel] = compiled.report()["kernels"]
+    assert kernel["ops"] == ["add.Tensor", "gelu", "dropout", "add.Tensor"] and kernel["dropout_p"] == [0.1]
+    y, gx = _dropout_run(compiled, x, r, seed=5)
+    assert KERNELS[kernel["name"]].calls["kernel"] >= 1
+    # the mask the kernel drew is dropout_keep(seed): the seed is torch's next draw after manual_seed
+    torch.manual_seed(5)
+    keep = dropout_keep(x.shape, 0.1, int(torch.randint(0, 1 << 32, (), dtype=torch.int64)))
+    n = keep.numel()
+    assert abs(keep.float().mean().item() - 0.9) < 5 * math.sqrt(0.9 * 0.1 / n)  # ~0.9 ± 1.3e-3
+    blocks = torch.stack([b.float().mean() for b in keep.flatten().tensor_split(16)])  # no region is biased
+    assert (blocks - 0.9).abs().max().item() < 6 * math.sqrt(0.9 * 0.1 / (n / 16))
+    # forward: eager's ops with that mask and torch's scale 1/(1-p) (fp32), within fused GELU's error
+    scale = float(torch.tensor(1.0) / torch.tensor(0.9))
+    xr = x.clone().requires_grad_()
+    y_ref = torch.where(keep, F.gelu(xr + module.bias) * scale, torch.zeros(())) + r
+    torch.testing.assert_close(y, y_ref.detach(), rtol=1e-5, atol=2e-6)
+    assert torch.equal(y[~keep], r[~keep])  # dropped elements are exactly 0 before the residual add
+    # backward: the recompute redraws the forward's mask from the saved seed
+    y_ref.backward(torch.ones_like(y_ref) * 0.5)
+    torch.testing.assert_close(gx, xr.grad, rtol=1e-5, atol=1e-6)
+    assert (gx[~keep] == 0).all()
+    # torch.manual_seed makes it repeatable; the next call draws a new mask
+    y2, gx2 = _dropout_run(compiled, x, r, seed=5)
+    assert torch.equal(y, y2) and torch.equal(gx, gx2)
+    y3 = compiled(x, r)
+    assert not torch.equal(y3, y)
+    # eval mode: dropout is the identity (an eval graph without it)
+    compiled.eval()
+    module.eval()
+    torch.testing.assert_close(compiled(x, r), module(x, r), rtol=1e-5, atol=2e-6)
+
+
+def test_two_dropout_sites_in_one_kernel_draw_independent_masks():
+    x = torch.randn(ROWS, COLS).abs() + 0.5  # nonzero, so y == 0 exactly where a mask dropped
+    compiled = dsc.compile(TwoDropouts(), {"fusion": {"enabled": True}}, example_inputs=(x,))
+    [kernel] = compiled.report()["kernels"]
+    assert kernel["dropout_p"] == [0.5, 0.5]
+    kept = (compiled(x) != 0).float().mean().item()
+    assert abs(kept - 0.25) < 0.005, kept  # one shared mask would keep 0.5
+
+
+def test_triton_dropout_draws_the_c_kernels_mask():
+    """The Triton template's hash is the C template's: the same seed gives the same mask."""
+    pytest.importorskip("triton", reason="triton is not installed (it is in requirements-dev.txt)")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET was not set before triton was imported (see conftest.py)")
+    torch.manual_seed(0)
+    module = BiasGeluDropoutResidual(p=0.3, cols=129)
+    x, r = torch.randn(67, 129), torch.randn(67, 129)
+    outs = {}
+    for backend in ("cpu", "triton"):
+        compiled = dsc.compile(module, {"fusion": {"enabled": True, "backend": backend}}, example_inputs=(x, r))
+        [kernel] = compiled.report()["kernels"]
+        assert kernel["backend"] == backend
+        outs[backend] = _dropout_run(compiled, x, r, seed=11)
+        assert KERNELS[kernel["name"]].calls["kernel"] >= 1
+    torch.testing.assert_close(outs["cpu"][0], outs["triton"][0], rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(outs["cpu"][1], outs["triton"][1], rtol=1e-5, atol=1e-6)
 
 
 def test_triton_without_gpu_or_interpreter_is_declined(monkeypatch):
@@ -306,3 +410,38 @@ def test_bf16_autocast_training_with_fusion_matches_eager_autocast(tmp_path):
     for k, v in ref_state.items():
         err, scale = float((res["state"][k] - v).double().norm()), float(v.double().norm())
         assert err <= tol * scale, f"bf16 + fusion {k}: |diff| {err:.3g} vs |ref| {scale:.3g}"
+
+
+def test_gpt2_with_dropout_trains_with_fused_dropout_repeatably():
+    """transformers' GPT-2 with its dropouts on: the embedding and residual dropouts fuse into
+    kernels with their neighbours, training under a seed repeats exactly, and the loss drops."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from models import dataset, hf_batch
+
+    def train(steps: int):
+        torch.manual_seed(0)
+        cfg = GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=97, n_positions=17, resid_pdrop=0.1,
+                         embd_pdrop=0.1, attn_pdrop=0.0, use_cache=False, bos_token_id=0, eos_token_id=0)
+        data = dataset(1, 4)
+        (args, kwargs) = hf_batch(data)
+        compiled = dsc.compile(GPT2LMHeadModel(cfg), {"fusion": {"enabled": True},
+                                                      "optimizer": {"type": "adamw", "lr": 3e-3}},
+                               example_inputs=(args, kwargs))
+        torch.manual_seed(1)
+        losses = []
+        for _ in range(steps):
+            loss = compiled(*args, **kwargs).loss
+            compiled.backward(loss)
+            compiled.step()
+            losses.append(loss.item())
+        return compiled, losses
+
+    compiled, losses = train(8)
+    drops = [k for k in compiled.report()["kernels"] if k.get("dropout_p")]
+    assert drops and all(k["dropout_p"] == [0.1] for k in drops), compiled.report()["kernels"]
+    assert sum(k["uses"] for k in drops) == 1 + 2 * 2  # embeddings (+ position add) and two residuals per layer
+    assert all(KERNELS[k["name"]].calls["kernel"] >= 8 for k in drops)
+    _, again = train(8)
+    assert losses == again
+    assert losses[-1] < losses[0] - 0.2, losses
