@@ -10,6 +10,8 @@ same seed on the same token batches, on N ranks (gloo, 1 torch thread per rank),
     dsc-z1/z2   dsc.compile(model, {"zero": {"stage": 1|2, ...}})   (same code path as bench_dp.py)
     dsc-z3      dsc.compile(model, {"zero": {"stage": 3, "prefetch_bucket_size": B,
                                              "param_persistence_threshold": T}})
+    dsc-z3-overlap  the same with "overlap_comm": true: each gather is prefetched one bucket ahead
+                (forward along the graph's order, backward along its reverse)
     ds-z3       deepspeed.initialize(..., zero_optimization stage 3) -- only if deepspeed imports
                 (in this interpreter, or in the one given by --ds-python)
 
@@ -43,7 +45,7 @@ sys.path.insert(0, HERE)
 import bench_dp  # noqa: E402  (also puts examples/ on sys.path)
 from bench_dp import MiB, nbytes, opt_state  # noqa: E402
 
-CONTENDERS = ["ddp", "fsdp2", "dsc-z1", "dsc-z2", "dsc-z3", "ds-z3"]
+CONTENDERS = ["ddp", "fsdp2", "dsc-z1", "dsc-z2", "dsc-z3", "dsc-z3-overlap", "ds-z3"]
 
 
 def parse_args(argv=None):
@@ -67,7 +69,7 @@ def setup(name, args, model, x, y):
     import torch.distributed as dist
 
     adamw = {**ADAMW, "lr": args.lr}
-    if name in ("ddp", "dsc-z1", "dsc-z2", "dsc-z3"):  # bench_dp.py's setup covers every dsc stage
+    if name in ("ddp", "dsc-z1", "dsc-z2", "dsc-z3", "dsc-z3-overlap"):  # bench_dp.py's setup covers every dsc stage
         return bench_dp.setup(name, args, model, x, y)
     finish = lambda: (dist.barrier(), dist.destroy_process_group())  # noqa: E731
     if name == "fsdp2":

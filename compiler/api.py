@@ -160,6 +160,8 @@ class CompiledModel(nn.Module):
                 plan.gradient_clipping)
         self._engine = Zero3Engine(gm, params, *args) if layout.stage == 3 else ZeroEngine(params, *args)
         self._engine.set_tensor_parallel(tp_layout, groups["tp"], plan.tensor_parallel.size)
+        if isinstance(self._engine, Zero3Engine):
+            self._engine.set_gather_order(self._program.artifacts.get("zero3_gather_order", []))
         self._engine.scaler = build_loss_scaler(plan.precision)
         if isinstance(self._engine, Zero3Engine) and plan.precision.dtype != "fp32":
             self._engine.gather_dtype = DTYPES[plan.precision.dtype]

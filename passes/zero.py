@@ -98,9 +98,9 @@ class ZeroLayout:
         """ZeRO-3: most bytes of whole buckets alive at once: every persistent bucket, plus the three
         largest others. Forward keeps the current and the previous bucket; backward caches the two
         last re-gathered buckets, and an autograd node still running may hold a third it unpacked
-        before the cache evicted it."""
+        before the cache evicted it. Prefetching (overlap_comm) adds the bucket in flight."""
         persistent = sum(b.padded for b in self.buckets if b.persistent)
-        others = sorted((b.padded for b in self.buckets if not b.persistent), reverse=True)[:3]
+        others = sorted((b.padded for b in self.buckets if not b.persistent), reverse=True)[:4 if self.overlap_comm else 3]
         return self.element_size * (persistent + sum(others))
 
     def collectives(self, accumulation_steps: int, comm_element_size: int | None = None) -> list[dict]:

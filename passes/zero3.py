@@ -60,7 +60,7 @@ def shard_parameters(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResul
     for b in layout.buckets:  # placeholders (no memory) until the runtime registers the real shards
         gm.register_parameter(shard_attr(b.index), torch.nn.Parameter(torch.empty(b.chunk, dtype=dtype,
                                                                                   device="meta")))
-    gathers = 0
+    gathers, order = 0, []  # order: the bucket of every gather, in graph order (for prefetching)
     current: dict[int, tuple[torch.fx.Node, dict]] = {}  # bucket -> (gather node, {slot: view})
     recent: list[int] = []  # the last two non-persistent buckets used: their gathers stay usable
     for _, user, old, (b, s) in uses:
@@ -84,6 +84,7 @@ def shard_parameters(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResul
                 split.meta["val"] = [torch.empty(n, dtype=low or dtype, device="meta") for n in sizes]
             live = current[b.index] = (split, {})
             gathers += 1
+            order.append(b.index)
         split, views = live
         if s.name not in views:
             index = next(i for i, x in enumerate(b.slots) if x.name == s.name)
@@ -102,10 +103,8 @@ def shard_parameters(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResul
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
     _check_topological(graph)
+    ctx.artifacts["zero3_gather_order"] = order
     declined = []
-    if ctx.plan.zero.overlap_comm:
-        declined.append({"what": "zero.overlap_comm", "reason": "ZeRO-3 gathers and reduce-scatters are "
-                         "synchronous in this version (no prefetch yet)"})
     if not ctx.plan.zero.reduce_scatter:
         declined.append({"what": "zero.reduce_scatter=false", "reason": "ZeRO-3 gradients are always "
                          "reduce-scattered (the gather's gradient)"})
@@ -113,10 +112,11 @@ def shard_parameters(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResul
         declined=declined,
         summary=(f"ZeRO-3: {sum(len(b.slots) for b in layout.buckets)} parameters sharded in "
                  f"{len(layout.buckets)} bucket(s) ({sum(b.persistent for b in layout.buckets)} persistent); "
-                 f"{gathers} gather(s) in forward; this rank holds {layout.shard_numel:,} of "
+                 f"{gathers} gather(s) in forward{', each prefetched one ahead' if ctx.plan.zero.overlap_comm else ''}; "
+                 f"this rank holds {layout.shard_numel:,} of "
                  f"{layout.padded:,} elements"),
         changed_graph=True,
-        details={"gathers": gathers},
+        details={"gathers": gathers, "gather_order": order, "prefetch": ctx.plan.zero.overlap_comm},
     )
 
 

@@ -89,12 +89,49 @@ def remove_gather_listener(fn) -> None:
         _gather_listeners.remove(fn)
 
 
+# Gathers started ahead of use (ZeRO-3 prefetch): (group, tag) -> (work, output, input kept alive).
+_prefetched: dict[tuple[str, int], tuple] = {}
+prefetch_stats = {"started": 0, "used": 0, "dropped": 0}  # in this process (tests read it)
+
+
+def prefetch_all_gather(x: torch.Tensor, group: str, world: int, tag: int) -> torch.Tensor | None:
+    """Start, asynchronously, the gather that `all_gather(x, group, world, tag)` will ask for; that
+    call then waits for it instead of gathering. Returns the output buffer (None if nothing was
+    started: one rank, or already in flight). Every rank must start the same gathers in the same
+    order, like any collective; `drop_prefetched` ends the ones never used."""
+    key = (group, tag)
+    if world == 1 or key in _prefetched:
+        return None
+    flat = x.reshape(-1).contiguous()
+    out = flat.new_empty(flat.numel() * world)
+    _prefetched[key] = (_all_gather(out, flat, group=_group(group), async_op=True), out, flat)
+    prefetch_stats["started"] += 1
+    return out
+
+
+def drop_prefetched() -> int:
+    """Wait for and forget gathers started but not used (the data may be stale: call before the
+    parameters change). Returns how many there were."""
+    n = len(_prefetched)
+    for work, _, _ in _prefetched.values():
+        work.wait()
+    _prefetched.clear()
+    prefetch_stats["dropped"] += n
+    return n
+
+
 @torch.library.custom_op("dsc::all_gather", mutates_args=())
 def all_gather(x: torch.Tensor, group: str, world: int, tag: int = -1) -> torch.Tensor:
     """Concatenate the flat `x` of every rank, in rank order. `tag` labels the gather for
-    listeners (ZeRO-3 passes the bucket index)."""
+    listeners (ZeRO-3 passes the bucket index); a gather prefetched under the same tag is
+    waited for instead of issued again."""
     flat = x.reshape(-1)
-    if world == 1:
+    pending = _prefetched.pop((group, tag), None) if tag >= 0 else None
+    if pending is not None:
+        pending[0].wait()
+        out = pending[1]
+        prefetch_stats["used"] += 1
+    elif world == 1:
         out = flat.clone()
     else:
         out = flat.new_empty(flat.numel() * world)

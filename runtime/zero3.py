@@ -12,10 +12,16 @@ with the summed gradient of its own shard. This engine adds what the graph canno
   re-gathered buckets are cached, so the parameters of one bucket cost one gather per backward.
 - The bytes of whole (gathered) buckets alive at once are tracked from storage weak references;
   `gathered_peak_bytes` is the peak since the last step (tests compare it with the plan's bound).
+- Prefetch (`zero.overlap_comm`): when forward gathers bucket k of the graph's gather order, the
+  gather of bucket k+1 starts asynchronously and runs while bucket k computes; backward does the
+  same along the reverse order of its re-gathers. The graph's gather op then waits for the
+  prefetched result (`collectives.prefetch_all_gather`). Prefetches left unused are waited for
+  and dropped when forward starts and when backward ends, before the shards can change.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 
 import torch
@@ -58,6 +64,9 @@ class Zero3Engine(ZeroEngine):
         self._gathered: dict[int, tuple[StorageWeakRef, int, int]] = {}  # storage ptr -> (ref, bucket, bytes)
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self.gathered_peak_bytes = 0
+        self.prefetch = layout.overlap_comm
+        self._order: list[int] = []  # bucket of every forward gather, in graph order
+        self._phase, self._fwd_pos, self._bwd_pos = None, 0, -1
         C.add_gather_listener(self._on_gather)
         for sp in self.shard_params:
             sp.register_post_accumulate_grad_hook(self._on_shard_grad)
@@ -65,12 +74,39 @@ class Zero3Engine(ZeroEngine):
         self.scheduler = build_scheduler(self.optimizer) if (build_scheduler and self.optimizer) else None
 
     # -- gathered buckets -------------------------------------------------------------------------
-    def _on_gather(self, b: int, full: torch.Tensor) -> None:
-        if not 0 <= b < len(self.shard_params):
-            return
+    def set_gather_order(self, order: list[int]) -> None:
+        """The graph's gathers, in order (what forward prefetches along)."""
+        self._order = list(order)
+
+    def _track(self, b: int, full: torch.Tensor) -> None:
         storage = full.untyped_storage()
         self._gathered[storage.data_ptr()] = (StorageWeakRef(storage), b, storage.nbytes())
         self.gathered_peak_bytes = max(self.gathered_peak_bytes, self.gathered_bytes())
+
+    def _on_gather(self, b: int, full: torch.Tensor) -> None:
+        if not 0 <= b < len(self.shard_params):
+            return
+        self._track(b, full)
+        if self.prefetch and self._phase == "forward":
+            # the graph gathers in _order: this is gather _fwd_pos; start the next one
+            if self._fwd_pos < len(self._order) and self._order[self._fwd_pos] == b:
+                self._fwd_pos += 1
+                if self._fwd_pos < len(self._order):
+                    self._start(self._order[self._fwd_pos])
+
+    def _start(self, b: int) -> None:
+        with torch.no_grad():
+            full = C.prefetch_all_gather(self.shard_params[b].detach().to(self.gather_dtype), GROUP, self.world, b)
+        if full is not None:
+            self._track(b, full)
+
+    def _drop_prefetched(self) -> None:
+        C.drop_prefetched()
+
+    def _backward_order(self) -> list[int]:
+        """Backward unpacks saved tensors in reverse order of use: the non-persistent buckets of
+        the forward gathers, reversed."""
+        return [b for b in reversed(self._order) if not self.layout.buckets[b].persistent]
 
     def gathered_bytes(self) -> int:
         """Bytes of whole buckets alive right now (forward gathers, backward re-gathers)."""
@@ -101,11 +137,27 @@ class Zero3Engine(ZeroEngine):
                 shard = self.shard_params[b].detach().to(self.gather_dtype)
                 full = torch.ops.dsc.all_gather(shard, GROUP, self.world, b)
             self._cache[b] = full
+            if self.prefetch:  # start the re-gather backward will need next
+                order = self._backward_order()
+                pos = next((i for i in range(self._bwd_pos + 1, len(order)) if order[i] == b), None)
+                if pos is not None:
+                    self._bwd_pos = pos
+                    nxt = next((x for x in order[pos + 1:] if x != b), None)
+                    if nxt is not None and nxt not in self._cache:
+                        self._start(nxt)
         return full.as_strided(size, stride, offset)
 
+    @contextlib.contextmanager
     def forward_context(self):
-        """Run the graph's forward inside this: saved whole parameters become re-gather tokens."""
-        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        """Run the graph's forward inside this: saved whole parameters become re-gather tokens,
+        and gathers prefetch along the graph's order."""
+        self._drop_prefetched()
+        self._phase, self._fwd_pos, self._bwd_pos = "forward", 0, -1
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield
+        finally:
+            self._phase = None
 
     # -- backward and step --------------------------------------------------------------------------
     def _on_shard_grad(self, _shard: torch.Tensor) -> None:
@@ -117,6 +169,7 @@ class Zero3Engine(ZeroEngine):
         """Once backward has finished: drop the re-gather cache."""
         self._callback_queued = False
         self._cache.clear()
+        self._drop_prefetched()
 
     def _average(self) -> None:
         """Reduce-scatter in backward summed over ranks; average like the other stages."""

@@ -64,6 +64,7 @@ def main() -> None:
         compiled = dsc.compile(model, plan_for(stage, args), example_inputs=(a, kw))
         losses = []
         dsc.runtime.collectives.traffic.clear()
+        prefetch0 = dict(dsc.runtime.collectives.prefetch_stats)
         for step in range(args.steps):
             total = torch.zeros(())
             for micro in rank_micro_batches(data, step, gb, dp_rank, dp, args.gas):
@@ -94,6 +95,7 @@ def main() -> None:
                           else sum(b["elements"] for b in buckets),
                           "padded": sum(b["padded"] for b in buckets), "buckets": len(buckets),
                           "traffic": traffic, "eval_gap": eval_gap,
+                          "prefetch": {k: v - prefetch0[k] for k, v in dsc.runtime.collectives.prefetch_stats.items()},
                           "kernel_calls": {k: dict(v.calls) for k, v in dsc.passes.fusion.KERNELS.items()}, "collectives": layout["collectives"], "report": report}
         # every rank must hold the same full parameters after the all-gather
         flat = torch.cat([v.reshape(-1).float() for v in state.values()])

@@ -125,12 +125,20 @@ COMM_OPTIONS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("option", list(COMM_OPTIONS))
 def test_communication_options_match_eager(tmp_path, option):
-    """overlap_comm (async bucket collectives), reduce_scatter=false and a small allgather bucket."""
+    """overlap_comm (async bucket collectives; ZeRO-3 prefetches the next gather in forward and
+    backward), reduce_scatter=false and a small allgather bucket."""
     ref_losses, ref_state, _, noise = eager_reference("gpt", 2)
     results = run_dsc(tmp_path, "gpt", 2, extra=COMM_OPTIONS[option])
     for stage, res in results.items():
         torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
         assert_params_close(res["state"], ref_state, noise, f"ZeRO-{stage} {option}")
+        assert_memory_is_analytic(res, stage, 2)  # with prefetch: within the bound that counts the one in flight
+        pf = res["prefetch"]
+        if option == "overlap_comm" and stage == 3:
+            # 5 steps x 2 micro-batches; forward and backward each prefetch along their order
+            assert pf["used"] >= 10 * 2 and pf["started"] == pf["used"] + pf["dropped"], pf
+        else:
+            assert pf["started"] == 0, pf
 
 
 # bf16/fp16 compute: activations are rounded to 8 (bf16) or 11 (fp16) mantissa bits, and dsc's
