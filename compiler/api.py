@@ -38,6 +38,7 @@ from .pass_manager import CompileContext
 from .pipeline import RankProgram, compile_rank, rank_coords
 from dsc.passes.fusion import inference as fused_inference
 from dsc.passes.tensor_parallel import shard_tensor_parallel
+from dsc.passes.zero3 import check_sharded, shard_attr, shard_parameters
 from .report import build_report, explain
 
 
@@ -175,10 +176,9 @@ class CompiledModel(nn.Module):
         if self._program is None:
             self._compile(args, kwargs)
         if not self.training and self._captured.training:
-            if self._plan.zero.stage == 3:
-                raise NotImplementedError("eval mode under ZeRO-3 needs an eval graph with gathers; not "
-                                          "built yet: call the model in train mode under torch.no_grad()")
             graph, hooks = self._eval_graph(args, kwargs), contextlib.nullcontext()
+            if isinstance(self._engine, Zero3Engine):
+                hooks = self._engine.forward_context(graph.meta["dsc.gather_order"])
         else:
             graph = self._program.gm
             hooks = self._engine.forward_context() if self._engine is not None else contextlib.nullcontext()
@@ -204,6 +204,8 @@ class CompiledModel(nn.Module):
             ctx = CompileContext(self._plan, self.rank, self.world_size, rank_coords(self._plan, self.rank))
             if self._plan.tensor_parallel.size > 1:
                 self._shard_eval_graph(gm, ctx)
+            if isinstance(self._engine, Zero3Engine):
+                self._zero3_eval_graph(gm, ctx)
             if self._plan.precision.dtype != "fp32":
                 relax_dtype_asserts(gm, ctx)
                 gm.recompile()
@@ -220,6 +222,17 @@ class CompiledModel(nn.Module):
         if ctx.artifacts["tp_layout"] != self._program.artifacts["tp_layout"]:
             raise RuntimeError("the eval graph shards differently from the training graph (the model's "
                                "structure depends on train/eval mode); set tensor_parallel.rules explicitly")
+
+    def _zero3_eval_graph(self, gm, ctx) -> None:
+        """The eval graph gets the same ZeRO-3 rewrite (gathers before use, over the same buckets),
+        reading the runtime's shards: the same Parameter objects as the training graph."""
+        ctx.artifacts["zero_layout"] = self._program.artifacts["zero_layout"]
+        shard_parameters(gm, ctx)
+        check_sharded(gm, ctx)
+        for b, shard in enumerate(self._engine.shard_params):
+            gm.register_parameter(shard_attr(b), shard)
+        gm.meta["dsc.gather_order"] = ctx.artifacts["zero3_gather_order"]
+        gm.recompile()
 
     def train(self, mode: bool = True):
         self.training = mode  # exported graphs refuse .train(); the graph choice happens in forward

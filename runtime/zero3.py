@@ -58,14 +58,16 @@ class Zero3Engine(ZeroEngine):
             offset += b.chunk
         for s in (s for b in layout.buckets for s in b.slots):  # free the whole parameters
             p = params[s.name]
-            p.data = torch.empty(0, dtype=dtype, device=device)
+            # a zero-stride stand-in: 4 bytes, but the shape stays (an eval-mode capture needs it)
+            p.data = torch.zeros((), dtype=dtype, device=device).expand(p.shape)
             p.requires_grad_(False)
         self.gather_dtype = dtype  # the runtime sets bf16/fp16 for mixed precision (the graph casts too)
         self._gathered: dict[int, tuple[StorageWeakRef, int, int]] = {}  # storage ptr -> (ref, bucket, bytes)
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self.gathered_peak_bytes = 0
         self.prefetch = layout.overlap_comm
-        self._order: list[int] = []  # bucket of every forward gather, in graph order
+        self._order: list[int] = []  # bucket of every gather of the graph running, in graph order
+        self._train_order: list[int] = []  # the training graph's
         self._phase, self._fwd_pos, self._bwd_pos = None, 0, -1
         C.add_gather_listener(self._on_gather)
         for sp in self.shard_params:
@@ -76,7 +78,7 @@ class Zero3Engine(ZeroEngine):
     # -- gathered buckets -------------------------------------------------------------------------
     def set_gather_order(self, order: list[int]) -> None:
         """The graph's gathers, in order (what forward prefetches along)."""
-        self._order = list(order)
+        self._train_order = self._order = list(order)
 
     def _track(self, b: int, full: torch.Tensor) -> None:
         storage = full.untyped_storage()
@@ -148,10 +150,11 @@ class Zero3Engine(ZeroEngine):
         return full.as_strided(size, stride, offset)
 
     @contextlib.contextmanager
-    def forward_context(self):
+    def forward_context(self, order: list[int] | None = None):
         """Run the graph's forward inside this: saved whole parameters become re-gather tokens,
-        and gathers prefetch along the graph's order."""
+        and gathers prefetch along the graph's order (`order`: another graph's, e.g. eval's)."""
         self._drop_prefetched()
+        self._order = list(order) if order is not None else self._train_order
         self._phase, self._fwd_pos, self._bwd_pos = "forward", 0, -1
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):

@@ -76,14 +76,12 @@ def main() -> None:
             dist.all_reduce(total)
             losses.append(float(total) / world)
         traffic = dict(dsc.runtime.collectives.traffic)
-        eval_gap = None
-        if stage < 3:  # eval mode runs a separately captured (and sharded) graph on the same weights
-            with torch.no_grad():
-                compiled.eval()
-                got = loss_of(compiled(*a, **kw))
-                compiled.train()
-                want = loss_of(compiled(*a, **kw))
-            eval_gap = abs(float(got) - float(want))
+        with torch.no_grad():  # eval mode runs a separately captured (sharded, gathered) graph on the same weights
+            compiled.eval()
+            got = loss_of(compiled(*a, **kw))
+            compiled.train()
+            want = loss_of(compiled(*a, **kw))
+        eval_gap = abs(float(got) - float(want))
         state = compiled.full_state_dict()
         report = compiled.report()
         layout = report["ranks"][0]

@@ -239,6 +239,7 @@ def test_2d_tensor_and_data_parallel_with_zero_matches_eager(tmp_path, model_nam
                                    msg=lambda m: f"ZeRO-{stage} x tp=2 losses: {m}")
         assert_params_close(res["state"], ref_state, noise, f"ZeRO-{stage} x tp=2 {model_name}")
         assert_memory_is_analytic(res, stage, 2)
+        assert res["eval_gap"] <= 1e-6 * abs(res["losses"][-1])  # eval graph: TP (+ ZeRO-3 gathers) as in training
 
 
 @pytest.mark.slow
