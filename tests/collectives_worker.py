@@ -26,6 +26,28 @@ assert torch.equal(rs, torch.full((4,), float(sum(range(1, world + 1))))), rs
 rs.sum().backward()
 assert torch.equal(y.grad, torch.ones(4 * world)), y.grad  # all_gather of ones
 
+# gloo reduce-scatters run as a send/recv ring: each chunk is exactly the sum of the ranks' parts
+# (integers: exact in any order), on the world and on a subgroup of the even ranks
+before = C.ring_stats["reduce_scatter"]
+v = torch.arange(5.0 * world) * (rank + 1)
+out = torch.empty(5)
+C.reduce_scatter_(out, v, dist.group.WORLD, world)
+assert torch.equal(out, torch.arange(5.0 * world)[rank * 5:(rank + 1) * 5] * sum(range(1, world + 1))), out
+assert C.ring_stats["reduce_scatter"] == before + (world > 1)
+evens = dist.new_group([r for r in range(world) if r % 2 == 0])
+if rank % 2 == 0 and world > 2:
+    k = world // 2
+    sub = torch.empty(3)
+    C.reduce_scatter_(sub, torch.arange(3.0 * k) + rank, evens, k)
+    j = rank // 2
+    assert torch.equal(sub, (torch.arange(3.0 * k)[j * 3:(j + 1) * 3]) * k + sum(range(0, world, 2))), sub
+big = torch.randn(1000 * world, generator=torch.Generator().manual_seed(rank))
+ring = torch.empty(1000)
+C.reduce_scatter_(ring, big, dist.group.WORLD, world)
+ref = big.clone()
+dist.all_reduce(ref)
+torch.testing.assert_close(ring, ref[rank * 1000:(rank + 1) * 1000], rtol=1e-6, atol=1e-6)
+
 z = torch.full((3,), float(rank))
 assert torch.equal(C.all_reduce(z, g, world), torch.full((3,), float(sum(range(world)))))
 
