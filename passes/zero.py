@@ -70,6 +70,17 @@ class ZeroLayout:
     reduce_scatter: bool = True  # stage >= 1: reduce-scatter (True) or all-reduce then keep the chunk
     allgather_bucket_size: int = 500_000_000  # elements of updated parameters in flight at once
     excluded: tuple[tuple[str, str], ...] = field(default=())  # (parameter, reason)
+    live_buckets: int = 3  # ZeRO-3: non-persistent buckets max_live_parameters lets be whole at once (1-3)
+
+    @property
+    def recent(self) -> int:
+        """ZeRO-3: gathered buckets forward keeps usable and backward caches (1 or 2)."""
+        return min(2, self.live_buckets)
+
+    @property
+    def prefetch(self) -> bool:
+        """ZeRO-3: gathers run one bucket ahead (overlap_comm, with room for a third bucket)."""
+        return self.overlap_comm and self.live_buckets >= 3
 
     @property
     def numel(self) -> int:
@@ -98,9 +109,11 @@ class ZeroLayout:
         """ZeRO-3: most bytes of whole buckets alive at once: every persistent bucket, plus the three
         largest others. Forward keeps the current and the previous bucket; backward caches the two
         last re-gathered buckets, and an autograd node still running may hold a third it unpacked
-        before the cache evicted it. Prefetching (overlap_comm) adds the bucket in flight."""
+        before the cache evicted it. Prefetching adds the bucket in flight; a max_live_parameters
+        that allows one bucket keeps one (plus the one a node holds)."""
         persistent = sum(b.padded for b in self.buckets if b.persistent)
-        others = sorted((b.padded for b in self.buckets if not b.persistent), reverse=True)[:4 if self.overlap_comm else 3]
+        n = self.recent + 1 + self.prefetch
+        others = sorted((b.padded for b in self.buckets if not b.persistent), reverse=True)[:n]
         return self.element_size * (persistent + sum(others))
 
     def collectives(self, accumulation_steps: int, comm_element_size: int | None = None) -> list[dict]:
@@ -231,9 +244,19 @@ def plan_zero_buckets(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResu
                 if any(s.name == name for s in b.slots):
                     node.meta["dsc.bucket"] = b.index
 
+    live = 3
+    if zero.stage == 3:
+        biggest = max((b.padded for b in buckets if not b.persistent), default=0)
+        live = max(1, min(3, int(zero.max_live_parameters) // biggest)) if biggest else 3
+        if live < 3 and biggest:
+            declined.append({"what": f"zero.max_live_parameters={int(zero.max_live_parameters):,}",
+                             "reason": f"room for {live} whole bucket(s) of up to {biggest:,} elements: "
+                             + ("gathers are not prefetched" if live == 2 else "one bucket is whole at a "
+                                "time, and a bucket larger than the limit is still gathered whole "
+                                "(lower prefetch_bucket_size for smaller buckets)")})
     layout = ZeroLayout(zero.stage, ctx.coords["dp"], dp, shards, element_size, tuple(buckets), zero.overlap_comm,
                         zero.reduce_scatter, int(zero.allgather_bucket_size),
-                        tuple((d["what"], d["reason"]) for d in declined))
+                        tuple((d["what"], d["reason"]) for d in declined), live)
     ctx.artifacts["zero_layout"] = layout
     order = "forward" if zero.stage == 3 else "backward"
     return PassResult(

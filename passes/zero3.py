@@ -62,7 +62,7 @@ def shard_parameters(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResul
                                                                                   device="meta")))
     gathers, order = 0, []  # order: the bucket of every gather, in graph order (for prefetching)
     current: dict[int, tuple[torch.fx.Node, dict]] = {}  # bucket -> (gather node, {slot: view})
-    recent: list[int] = []  # the last two non-persistent buckets used: their gathers stay usable
+    recent: list[int] = []  # the last non-persistent buckets used (layout.recent): their gathers stay usable
     for _, user, old, (b, s) in uses:
         live = current.get(b.index)
         stale = live is not None and not b.persistent and b.index not in recent
@@ -97,7 +97,7 @@ def shard_parameters(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResul
             views[s.name] = view
         user.replace_input_with(old, views[s.name])
         if not b.persistent and (not recent or recent[-1] != b.index):
-            recent = [*recent, b.index][-2:]
+            recent = [*recent, b.index][-layout.recent:]
 
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
@@ -112,11 +112,12 @@ def shard_parameters(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResul
         declined=declined,
         summary=(f"ZeRO-3: {sum(len(b.slots) for b in layout.buckets)} parameters sharded in "
                  f"{len(layout.buckets)} bucket(s) ({sum(b.persistent for b in layout.buckets)} persistent); "
-                 f"{gathers} gather(s) in forward{', each prefetched one ahead' if ctx.plan.zero.overlap_comm else ''}; "
+                 f"{gathers} gather(s) in forward{', each prefetched one ahead' if layout.prefetch else ''}; "
                  f"this rank holds {layout.shard_numel:,} of "
                  f"{layout.padded:,} elements"),
         changed_graph=True,
-        details={"gathers": gathers, "gather_order": order, "prefetch": ctx.plan.zero.overlap_comm},
+        details={"gathers": gathers, "gather_order": order, "prefetch": layout.prefetch,
+                 "live_buckets": layout.live_buckets},
     )
 
 

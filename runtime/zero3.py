@@ -65,7 +65,7 @@ class Zero3Engine(ZeroEngine):
         self._gathered: dict[int, tuple[StorageWeakRef, int, int]] = {}  # storage ptr -> (ref, bucket, bytes)
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self.gathered_peak_bytes = 0
-        self.prefetch = layout.overlap_comm
+        self.prefetch = layout.prefetch
         self._order: list[int] = []  # bucket of every gather of the graph running, in graph order
         self._train_order: list[int] = []  # the training graph's
         self._phase, self._fwd_pos, self._bwd_pos = None, 0, -1
@@ -133,7 +133,7 @@ class Zero3Engine(ZeroEngine):
         _, b, size, stride, offset = saved
         full = self._cache.get(b)
         if full is None:
-            while len(self._cache) >= 2:  # release before gathering: at most two whole buckets
+            while len(self._cache) >= self.layout.recent:  # release before gathering: at most that many whole
                 self._cache.popitem(last=False)
             with torch.no_grad():
                 shard = self.shard_params[b].detach().to(self.gather_dtype)

@@ -124,7 +124,8 @@ FP16_MAPPED = {"loss_scale": "loss_scale", "initial_scale_power": "initial_scale
                "loss_scale_window": "loss_scale_window", "hysteresis": "hysteresis",
                "consecutive_hysteresis": "consecutive_hysteresis", "min_loss_scale": "min_loss_scale"}
 ZERO3_MAPPED = {"stage3_prefetch_bucket_size": "prefetch_bucket_size",
-                "stage3_param_persistence_threshold": "param_persistence_threshold"}
+                "stage3_param_persistence_threshold": "param_persistence_threshold",
+                "stage3_max_live_parameters": "max_live_parameters"}
 ZERO_KNOWN = {*ZERO_MAPPED, *ZERO3_MAPPED, *ZERO_NOTES, *ZERO_FEATURES, *ZERO_RENAMED}
 
 OPTIMIZER_PARAMS = {"adam": ("lr", "betas", "eps", "weight_decay"),
@@ -390,7 +391,7 @@ class _Translator:
                     self.warn(path, v, f"{ZERO_FEATURES[key]} is not supported yet by dsc; ignored")
             elif stage == 3 and key.startswith("stage3_") and key not in ZERO_NOTES and key not in ZERO_RENAMED:
                 self.warn(path, v, "this ZeRO-3 knob is not supported yet by dsc; ignored (dsc gathers "
-                                   "one bucket at a time, without prefetch)")
+                                   "whole buckets, prefetched one ahead when overlap_comm is on)")
             elif key in ZERO_NOTES or key.startswith("stage3_") or key in ZERO_RENAMED:
                 what = ZERO_NOTES.get(key, "ZeRO-3 setting")
                 auto = " ('auto' is filled by HF from the model)" if v == "auto" else ""

@@ -78,8 +78,13 @@ class Zero(Section):
     """ZeRO-3: parameters of at most this many elements are grouped into persistent buckets,
     gathered once per forward and kept for backward instead of re-gathered (still stored as
     shards between steps). DeepSpeed's stage3_param_persistence_threshold."""
+    max_live_parameters: Annotated[int, BeforeValidator(_integral), Field(ge=1)] = 1_000_000_000
+    """ZeRO-3: most parameter elements whole (gathered) at once, persistent buckets aside; fewer
+    means less memory and more gathers. Below 3 buckets' worth dsc stops prefetching, below 2 it
+    keeps one bucket whole at a time. DeepSpeed's stage3_max_live_parameters."""
     overlap_comm: bool = False
-    """Overlap gradient reduction with the backward pass."""
+    """Overlap communication with compute: stages 0-2 reduce gradient buckets asynchronously
+    during backward; stage 3 also prefetches each gather one bucket ahead."""
     reduce_scatter: bool = True
     """Reduce gradients with reduce-scatter (True) or all-reduce (False)."""
     contiguous_gradients: bool = True

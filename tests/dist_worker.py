@@ -22,7 +22,8 @@ def plan_for(stage: int, args) -> dict:
     return {
         "zero": {"stage": stage, "reduce_bucket_size": args.bucket, "overlap_comm": args.overlap,
                  "reduce_scatter": not args.all_reduce, "allgather_bucket_size": args.allgather_bucket,
-                 "prefetch_bucket_size": args.bucket, "param_persistence_threshold": 100},
+                 "prefetch_bucket_size": args.bucket, "param_persistence_threshold": 100,
+                 "max_live_parameters": args.max_live},
         "optimizer": {"type": "adamw", "lr": args.lr, "weight_decay": 0.1, "betas": [0.9, 0.95]},
         "scheduler": {"type": "WarmupLR", "warmup_min_lr": 0.0, "warmup_max_lr": args.lr,
                       "warmup_num_steps": 3, "warmup_type": "linear"},
@@ -45,6 +46,7 @@ def main() -> None:
     p.add_argument("--clip", type=float, default=0.5)
     p.add_argument("--bucket", type=int, default=3000)
     p.add_argument("--overlap", action="store_true")
+    p.add_argument("--max-live", type=int, default=1_000_000_000, help="zero.max_live_parameters")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--all-reduce", action="store_true", help="zero.reduce_scatter = false")
     p.add_argument("--allgather-bucket", type=int, default=500_000_000)

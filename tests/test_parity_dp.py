@@ -121,6 +121,7 @@ def assert_memory_is_analytic(res: dict, stage: int, world: int) -> None:
 COMM_OPTIONS = {
     "overlap_comm": ("--overlap",),
     "all_reduce_small_allgather": ("--all-reduce", "--allgather-bucket", "1000"),
+    "max_live_one_bucket": ("--overlap", "--max-live", "1000"),  # ZeRO-3: one whole bucket, no prefetch
 }
 
 
@@ -128,7 +129,8 @@ COMM_OPTIONS = {
 @pytest.mark.parametrize("option", list(COMM_OPTIONS))
 def test_communication_options_match_eager(tmp_path, option):
     """overlap_comm (async bucket collectives; ZeRO-3 prefetches the next gather in forward and
-    backward), reduce_scatter=false and a small allgather bucket."""
+    backward), reduce_scatter=false and a small allgather bucket, and a ZeRO-3 max_live_parameters
+    below one bucket (one whole bucket at a time, so no prefetch despite overlap_comm)."""
     ref_losses, ref_state, _, noise = eager_reference("gpt", 2)
     results = run_dsc(tmp_path, "gpt", 2, extra=COMM_OPTIONS[option])
     for stage, res in results.items():

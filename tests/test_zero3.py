@@ -81,11 +81,29 @@ def test_rank_graph_code_shows_gathers_and_reduce_scatters():
     assert "dsc::reduce_scatter" in code and "re-gather" in code
 
 
-def test_single_rank_training_matches_eager_and_frees_whole_parameters():
+def test_max_live_parameters_below_a_bucket_keeps_one_bucket_whole():
+    zero = {**PLAN3["zero"], "prefetch_bucket_size": 4000}
+    small = {**PLAN3, "zero": {**zero, "max_live_parameters": 3000, "overlap_comm": True}}
+    (prog, _), (base, _) = _program(2, plan=small), _program(2, plan={**PLAN3, "zero": zero})
+    layout = prog.artifacts["zero_layout"]
+    assert layout.live_buckets == 1 and layout.recent == 1 and not layout.prefetch
+    bound = prog.artifacts["estimate"]["memory"]["gathered_bound_bytes"]
+    assert bound < base.artifacts["estimate"]["memory"]["gathered_bound_bytes"]
+    biggest = sorted((b.padded for b in layout.buckets if not b.persistent), reverse=True)
+    assert bound == 4 * (sum(b.padded for b in layout.buckets if b.persistent) + sum(biggest[:2]))
+    assert len(_gathers(prog.gm)) >= len(_gathers(base.gm))
+    declined = [d for r in prog.passes for d in r["declined"] if "max_live_parameters" in d["what"]]
+    assert declined and "one bucket is whole at a time" in declined[0]["reason"]
+
+
+@pytest.mark.parametrize("plan", [PLAN3, {**PLAN3, "zero": {**PLAN3["zero"], "prefetch_bucket_size": 4000,
+                                                          "max_live_parameters": 3000}}],
+                         ids=["default", "one_live_bucket"])
+def test_single_rank_training_matches_eager_and_frees_whole_parameters(plan):
     model, ref = gpt(), gpt()
     opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.0)  # the plan's default
     (x, y), _ = gpt_batch(dataset(1, 4))
-    compiled = dsc.compile(model, PLAN3, example_inputs=(x, y))
+    compiled = dsc.compile(model, plan, example_inputs=(x, y))
     # whole parameters are freed: each keeps its shape on a 4-byte zero-stride stand-in
     assert all(p.untyped_storage().nbytes() == 4 and not any(p.stride()) for p in model.parameters())
     grad_max = {k: torch.zeros_like(p) for k, p in ref.named_parameters()}
