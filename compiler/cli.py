@@ -91,7 +91,10 @@ def cmd_compile(args) -> int:
         if kernels:
             (out / "kernels").mkdir(exist_ok=True)
             for name, k in kernels.items():
-                (out / "kernels" / f"{name}.c").write_text(Path(k["source"]).read_text())
+                src = Path(k["source"])
+                (out / "kernels" / f"{name}{src.suffix}").write_text(src.read_text())
+                if k.get("backward_source"):
+                    (out / "kernels" / f"{name}_bwd.c").write_text(Path(k["backward_source"]).read_text())
         extra = f", kernels/ ({len(kernels)} generated kernel sources)" if kernels else ""
         _progress(f"wrote {out}/: plan.json, report.json, rank0.py .. rank{args.world_size - 1}.py{extra}")
     print(json.dumps(report, indent=2) if args.format == "json" else explain(report))
@@ -134,9 +137,11 @@ def cmd_inspect(args) -> int:
         if not kernels:
             print("no generated kernels (enable them with the plan's fusion section)")
         for k in kernels:
-            src = folder / "kernels" / f"{k['name']}.c"
+            src = folder / "kernels" / f"{k['name']}{Path(k['source']).suffix}"
+            bwd = "backward kernel" if k.get("backward") == "generated" else "backward recomputes"
             print(f"{k['name']:<36} {k['backend']:<5} {k['pattern']:<10} {k['dtype']:<8} "
-                  f"{'x'.join(map(str, k['shape'])):<12} x{k['uses']:<3} replaces {' + '.join(k['ops'])}  ({src})")
+                  f"{'x'.join(map(str, k['shape'])):<12} x{k['uses']:<3} replaces {' + '.join(k['ops'])}; "
+                  f"{bwd}  ({src})")
         for d in report.get("declined_fusion", []):
             print(f"declined: {d['what']}: {d['reason']}")
         return 0

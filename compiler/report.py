@@ -69,8 +69,9 @@ def explain(report: dict[str, Any]) -> str:
         out.append("")
         out.append("generated kernels (rank 0):")
         for k in report["kernels"]:
+            bwd = "; backward kernel" if k.get("backward") == "generated" else ""
             out.append(f"  {k['name']:<36} {k['backend']:<4} {k['pattern']:<10} x{k['uses']:<3} replaces "
-                       f"{' + '.join(k['ops'])}")
+                       f"{' + '.join(k['ops'])}{bwd}")
     out.append("")
     head = f"  {'rank':>4}  {'coords':>10}  {'params':>12}  {'grads':>12}  {'optimizer':>12}  {'activations':>12}  {'comm/step':>12}"
     out.append("per-rank memory and communication:")

@@ -220,7 +220,8 @@ class Kernel:
         self.seeded = bool(group.params.get("seeded"))  # draws dropout masks: the seed is an extra output
         self.compiled: dict[torch.dtype, object] = {}
         self.sources: dict[torch.dtype, str] = {}
-        self.calls = {"kernel": 0, "fallback": 0}
+        self.calls = {"kernel": 0, "fallback": 0, "backward": 0}  # forward kernel / unfused / backward kernel
+        self._bwd: dict[torch.dtype, tuple] = {}  # dtype -> (backward fn, reduce fn, source path)
         self._pool: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self._autocast: dict = {}  # input dtypes + autocast dtype -> dtype the kernel runs in
 
@@ -285,6 +286,46 @@ class Kernel:
         self.compiled[dtype] = fn
         self.sources[dtype] = str(src)
         return str(src)
+
+    # -- generated backward (LayerNorm and RMSNorm; other groups recompute their unfused ops) ------
+    @property
+    def has_backward(self) -> bool:
+        return self.backend == "cpu" and self.pattern in ("layernorm", "rmsnorm") and not self.params.get("has_residual")
+
+    def build_backward(self, dtype: torch.dtype) -> str:
+        """Compile (or find in the cache) the backward kernel for `dtype`; returns its source path."""
+        src = cpu.render("rownorm_bwd.c.j2", kind=self.pattern, name=self.name, dtype=cpu.DTYPES[dtype],
+                         replaced=", ".join(self.replaced), has_weight=self.params.get("has_weight", True),
+                         has_bias=self.params.get("has_bias", False))
+        fn, _, path = cpu.compile_kernel(src, f"{self.name}_bwd")
+        red, _, _ = cpu.compile_kernel(src, f"{self.name}_bwd_reduce")
+        self._bwd[dtype] = (fn, red, str(path))
+        return str(path)
+
+    def backward(self, xs: list, dy: torch.Tensor) -> list | None:
+        """The inputs' gradients from the generated backward kernel, or None when it does not
+        apply (then the caller recomputes the unfused ops)."""
+        x, w, b = (list(xs) + [None, None])[:3]
+        dtype = x.dtype
+        if not self.has_backward or dtype not in cpu.DTYPES or dy.dtype != dtype or x.device.type != "cpu" or \
+                tuple(x.shape) != self.input_shapes[0] or any(t is not None and t.dtype != dtype for t in (w, b)):
+            return None
+        if dtype not in self._bwd:
+            self.build_backward(dtype)
+        fn, red, _ = self._bwd[dtype]
+        cols = self.cols
+        rows = max(1, _numel(self.shape) // max(cols, 1))
+        blocks = min(rows, 64)  # fixed, not per thread: the weight gradient's sum order never changes
+        x, dy = x.contiguous(), dy.contiguous()
+        dx = torch.empty_like(x)
+        part = torch.empty(blocks, 2, cols, dtype=torch.float32)
+        dw = torch.empty(cols, dtype=dtype) if w is not None else None
+        db = torch.empty(cols, dtype=dtype) if b is not None else None
+        fn(cpu.ptr(x), cpu.ptr(w), cpu.ptr(dy), cpu.ptr(dx), cpu.ptr(part), _i64(rows), _i64(cols),
+           _f32(self.params["eps"]), _i64(blocks))
+        red(cpu.ptr(part), cpu.ptr(dw), cpu.ptr(db), _i64(cols), _i64(blocks))
+        self.calls["backward"] += 1
+        return [dx, dw, db][:len(xs)]
 
     def __call__(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
 
@@ -388,8 +429,14 @@ def _register_op(name: str) -> None:
 
     def backward(ctx, grads):
         saved = ctx.saved_tensors
+        device, enabled, dtype = ctx.autocast
+        kernel = KERNELS[name]
+        if kernel.has_backward and not enabled and grads[0] is not None:  # a generated backward kernel
+            got = kernel.backward(list(saved[:ctx.n_in]), grads[0])
+            if got is not None:
+                return got
         xs = [x.detach().requires_grad_(x.is_floating_point()) if x is not None else None for x in saved[:ctx.n_in]]
-        device, enabled, dtype = ctx.autocast  # recompute as forward ran: under the same autocast
+        # otherwise recompute as forward ran: under the same autocast
         with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             outs = KERNELS[name].ref(*xs, *saved[ctx.n_in:])  # + the seed: dropout redraws the same mask
         outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
@@ -754,6 +801,13 @@ def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
                      "inputs": kinds, "shape": list(space), "dtype": str(dtype).replace("torch.", ""), "source": src}
             if dropout_p:
                 entry["dropout_p"] = dropout_p  # drawn with dsc's counter-based RNG, not torch's
+            entry["backward"] = "recompute"
+            if kernel.has_backward:
+                try:
+                    entry["backward_source"] = kernel.build_backward(dtype)
+                    entry["backward"] = "generated"
+                except Exception as exc:  # noqa: BLE001  (the recompute still works)
+                    entry["backward_declined"] = f"backward kernel did not compile: {exc}"
             kernels.append(entry)
         entry["uses"] += 1
         entry["nodes"].append([n.name for n in grp.nodes])

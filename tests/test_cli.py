@@ -154,3 +154,23 @@ def test_compiled_report_is_the_cli_json_for_the_same_rank():
         for p in report["passes"]:
             p.pop("seconds")
     assert api == cli
+
+
+def test_compile_with_fusion_writes_kernel_sources_and_inspect_lists_them(tmp_path):
+    plan = tmp_path / "fused.json"
+    plan.write_text(json.dumps({**json.loads(open(PLAN).read()), "fusion": {"enabled": True}}))
+    out = dsc("compile", GPT, "--config", str(plan), "--world-size", "2", "--out", str(tmp_path / "art"))
+    assert out.returncode == 0, out.stderr
+    assert "generated kernels (rank 0):" in out.stdout
+    report = json.loads((tmp_path / "art" / "report.json").read_text())
+    kernels = (tmp_path / "art" / "kernels")
+    for k in report["kernels"]:
+        assert (kernels / f"{k['name']}.c").read_text().startswith(f"/* {k['name']}")
+        if k["backward"] == "generated":  # the first LayerNorm of the example GPT has no residual add
+            assert f"{k['name']}_bwd(" in (kernels / f"{k['name']}_bwd.c").read_text()
+    assert any(k["backward"] == "generated" for k in report["kernels"])
+    shown = dsc("inspect", str(tmp_path / "art"), "--kernels")
+    assert shown.returncode == 0
+    for k in report["kernels"]:
+        assert k["name"] in shown.stdout
+    assert "backward kernel" in shown.stdout and "backward recomputes" in shown.stdout
