@@ -235,6 +235,40 @@ def bench_block(kind: str, dtype, reps: int, batch: int, seq: int):
             "kernels": len(fused.report()["kernels"]), **{f"{k}_s": v for k, v in t.items()}}
 
 
+def bench_norm_backward(name: str, rows: int, cols: int, dtype, reps: int) -> dict:
+    """Forward + backward of one norm: eager, Inductor, dsc with its generated backward kernel and
+    dsc recomputing the unfused ops instead (what every other fused group does)."""
+    import dsc
+    from dsc.passes import fusion
+
+    torch.manual_seed(0)
+    module = PATTERNS[name][0](cols).to(dtype)
+    x = torch.randn(rows, cols).to(dtype)
+    fused = dsc.compile(module, {"fusion": {"enabled": True}}, example_inputs=(x,))
+    compiled = torch.compile(module)
+    generated = fusion.Kernel.__dict__["has_backward"]
+
+    def step(fn):
+        def go():
+            xi = x.detach().requires_grad_()
+            fn(xi).float().sum().backward()
+        return go
+
+    def recompute():
+        fusion.Kernel.has_backward = property(lambda self: False)
+        try:
+            step(fused)()
+        finally:
+            fusion.Kernel.has_backward = generated
+
+    fns = {"eager": step(module), "inductor": step(compiled), "dsc": step(fused), "dsc_recompute": recompute}
+    for fn in fns.values():
+        fn(), fn()
+    t = interleaved(fns, reps)
+    return {"norm": name, "shape": f"{rows}x{cols}", "dtype": str(dtype).replace("torch.", ""),
+            **{f"{k}_s": v for k, v in t.items()}}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--patterns", default=",".join(PATTERNS))
@@ -264,6 +298,15 @@ def main() -> int:
                       + f"  dsc/eager {res['eager_s'] / res['dsc_s']:.2f}x  dsc/inductor "
                         f"{res['inductor_s'] / res['dsc_s']:.2f}x  err {res['max_abs_err_vs_eager']:.1e}", flush=True)
     print(f"copy bandwidth (read + write): {copy / 1e9:.1f} GB/s, {args.threads} threads")
+    for dt in args.dtypes.split(","):
+        for name in [n for n in ("layernorm", "rmsnorm") if n in args.patterns.split(",")]:
+            r, c = shapes[0]
+            res = bench_norm_backward(name, r, c, DTYPES[dt], args.reps)
+            print(json.dumps(res) if args.json else
+                  f"{name} fwd+bwd {res['shape']} {res['dtype']}: eager {res['eager_s'] * 1e3:.1f} ms, inductor "
+                  f"{res['inductor_s'] * 1e3:.1f} ms, dsc {res['dsc_s'] * 1e3:.1f} ms (backward kernel), "
+                  f"{res['dsc_recompute_s'] * 1e3:.1f} ms (recompute): dsc/eager {res['eager_s'] / res['dsc_s']:.2f}x, "
+                  f"dsc/inductor {res['inductor_s'] / res['dsc_s']:.2f}x", flush=True)
     if args.block != "none":
         for dt in args.dtypes.split(","):
             res = bench_block(args.block, DTYPES[dt], max(5, args.reps // 2), args.block_batch, args.block_seq)
