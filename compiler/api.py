@@ -36,7 +36,7 @@ from dsc.passes.precision import relax_dtype_asserts
 from .capture import call_args, capture
 from .pass_manager import CompileContext
 from .pipeline import RankProgram, compile_rank, rank_coords
-from dsc.passes.fusion import inference as fused_inference
+from dsc.passes.fusion import fuse_kernels, inference as fused_inference
 from dsc.passes.tensor_parallel import shard_tensor_parallel
 from dsc.passes.zero3 import check_sharded, shard_attr, shard_parameters
 from .report import build_report, explain
@@ -121,6 +121,7 @@ class CompiledModel(nn.Module):
         self._program: RankProgram | None = None
         self._captured = None
         self._eval_gm = None
+        self._eval_fusion = None  # the fusion pass's record for the eval graph, once built
         self._engine: ZeroEngine | None = None
         self._device: str | None = None
         self.training = model.training
@@ -209,6 +210,8 @@ class CompiledModel(nn.Module):
             if self._plan.precision.dtype != "fp32":
                 relax_dtype_asserts(gm, ctx)
                 gm.recompile()
+            if self._plan.fusion.enabled and self._plan.fusion.backend != "none":
+                self._eval_fusion = fuse_kernels(gm, ctx)  # inference is where output buffers get reused
             self._eval_gm = gm
         return self._eval_gm
 

@@ -313,6 +313,7 @@ def test_training_with_fusion_matches_eager(tmp_path, model_name, stages):
             "--out", str(out))
     for stage, res in torch.load(out, weights_only=False).items():
         assert res["kernel_calls"] and all(c["kernel"] > 0 for c in res["kernel_calls"].values())
+        assert res["eval_gap"] <= 1e-5 * abs(res["losses"][-1])  # the eval graph, fused too, agrees
         norms = [k for k in res["report"]["kernels"] if k.get("backward") == "generated"]
         assert norms and all(res["kernel_calls"][k["name"]]["backward"] > 0 for k in norms)
         torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
@@ -500,3 +501,23 @@ def test_gpt2_with_dropout_trains_with_fused_dropout_repeatably():
     _, again = train(8)
     assert losses == again
     assert losses[-1] < losses[0] - 0.2, losses
+
+
+def test_eval_mode_graph_is_fused_too():
+    """compiled.eval() captures an eval graph (dropout off); it gets the same kernels, and under
+    no_grad they reuse their output buffers."""
+    torch.manual_seed(0)
+    module = BiasGeluDropoutResidual(p=0.1, cols=96)
+    x, r = torch.randn(64, 96), torch.randn(64, 96)
+    compiled = dsc.compile(module, {"fusion": {"enabled": True}}, example_inputs=(x, r))
+    compiled.eval()
+    module.eval()
+    with torch.no_grad():
+        y = compiled(x, r)
+        ref = module(x, r)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=2e-6)
+    kernels = compiled._eval_fusion.details["kernels"]
+    assert [k["ops"] for k in kernels] == [["add.Tensor", "gelu", "dropout", "add.Tensor"]]
+    assert "dropout_p" not in kernels[0]  # eval: dropout is the identity inside the kernel
+    assert KERNELS[kernels[0]["name"]].calls["kernel"] >= 1
+    assert any("dsc_fused" in str(n.target) for n in compiled._eval_gm.graph.nodes)
