@@ -102,9 +102,6 @@ class Zero3Engine(ZeroEngine):
         if full is not None:
             self._track(b, full)
 
-    def _drop_prefetched(self) -> None:
-        C.drop_prefetched()
-
     def _backward_order(self) -> list[int]:
         """Backward unpacks saved tensors in reverse order of use: the non-persistent buckets of
         the forward gathers, reversed."""
@@ -153,7 +150,7 @@ class Zero3Engine(ZeroEngine):
     def forward_context(self, order: list[int] | None = None):
         """Run the graph's forward inside this: saved whole parameters become re-gather tokens,
         and gathers prefetch along the graph's order (`order`: another graph's, e.g. eval's)."""
-        self._drop_prefetched()
+        C.drop_prefetched()
         self._order = list(order) if order is not None else self._train_order
         self._phase, self._fwd_pos, self._bwd_pos = "forward", 0, -1
         try:
@@ -172,10 +169,12 @@ class Zero3Engine(ZeroEngine):
         """Once backward has finished: drop the re-gather cache."""
         self._callback_queued = False
         self._cache.clear()
-        self._drop_prefetched()
+        C.drop_prefetched()
 
     def _average(self) -> None:
-        """Reduce-scatter in backward summed over ranks; average like the other stages."""
+        """Reduce-scatter in backward summed over ranks; average like the other stages. (Called
+        first thing in step: no prefetched gather may outlive the shards it read.)"""
+        C.drop_prefetched()
         if self.world > 1:
             self.flat_grad.div_(self.world)
 
