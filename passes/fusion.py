@@ -19,8 +19,11 @@ Patterns (plan `fusion.patterns`):
 - rmsnorm: the decomposed RMSNorm of Llama-style models (pow 2, mean, add eps, rsqrt, mul, weight).
 - softmax: softmax over the last dimension with an optional scale and additive mask prologue.
 
-Backward: a fused op's gradient recomputes the group's original (unfused) ops from the saved
-inputs under autograd, so gradients are eager's by construction; only the inputs are saved.
+Backward: LayerNorm (without the residual add) and RMSNorm kernels have a generated backward
+kernel (codegen/templates/rownorm_bwd.c.j2: dx and the weight/bias gradients in one pass) when
+autocast is off; every other fused op's gradient recomputes the group's original (unfused) ops
+from the saved inputs under autograd, so those gradients are eager's by construction. Only the
+inputs are saved.
 
 Dropout (p > 0, training) draws from a counter-based RNG instead of torch's generator: element i
 of a call with seed s is kept when a hash of (s, i) clears p (codegen/templates/common.h.j2). The
