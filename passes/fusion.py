@@ -13,7 +13,9 @@ Reads node.meta: `val`. Writes node.meta: `val` on new nodes, `dsc.kernel` on fu
 Patterns (plan `fusion.patterns`):
 - pointwise: any connected group of pointwise ops (add/sub/mul/div, bias and residual adds,
   GELU exact/tanh and its decomposed form, SiLU, sigmoid, tanh, exp, ReLU, scale, pow by small
-  integers, rsqrt, no-op casts, dropout) whose intermediate values are used only inside the group; operands may be full tensors, per-column vectors (biases), per-row values or
+  integers, rsqrt, no-op casts, dropout) whose intermediate values are used only inside the
+  group; operands may be full tensors, per-column vectors (biases), per-row values, trailing
+  dimensions repeated over the leading ones (position embeddings) or
   scalars. Several escaping values make a multi-output kernel.
 - layernorm: `aten.layer_norm` over the last dimension (weight and bias optional).
 - rmsnorm: the decomposed RMSNorm of Llama-style models (pow 2, mean, add eps, rsqrt, mul, weight).
@@ -46,7 +48,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
-from dsc.codegen import cpu
+from dsc.codegen import cache, cpu
 from dsc.codegen import triton as triton_backend
 from dsc.pass_manager import CompileContext, PassResult
 
@@ -224,7 +226,7 @@ class Kernel:
         self.compiled: dict[torch.dtype, object] = {}
         self.sources: dict[torch.dtype, str] = {}
         self.calls = {"kernel": 0, "fallback": 0, "backward": 0}  # forward kernel / unfused / backward kernel
-        self._bwd: dict[torch.dtype, tuple] = {}  # dtype -> (backward fn, reduce fn, source path)
+        self._bwd: dict[torch.dtype, tuple | None] = {}  # dtype -> (backward fn, reduce fn, source), None: failed
         self._pool: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self._autocast: dict = {}  # input dtypes + autocast dtype -> dtype the kernel runs in
 
@@ -314,7 +316,12 @@ class Kernel:
                 tuple(x.shape) != self.input_shapes[0] or any(t is not None and t.dtype != dtype for t in (w, b)):
             return None
         if dtype not in self._bwd:
-            self.build_backward(dtype)
+            try:
+                self.build_backward(dtype)
+            except cache.CompileError:  # the compiler refused it: recompute from now on
+                self._bwd[dtype] = None
+        if self._bwd[dtype] is None:
+            return None
         fn, red, _ = self._bwd[dtype]
         cols = self.cols
         rows = max(1, _numel(self.shape) // max(cols, 1))
@@ -810,6 +817,7 @@ def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
                     entry["backward_source"] = kernel.build_backward(dtype)
                     entry["backward"] = "generated"
                 except Exception as exc:  # noqa: BLE001  (the recompute still works)
+                    kernel._bwd[dtype] = None
                     entry["backward_declined"] = f"backward kernel did not compile: {exc}"
             kernels.append(entry)
         entry["uses"] += 1

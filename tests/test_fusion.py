@@ -521,3 +521,26 @@ def test_eval_mode_graph_is_fused_too():
     assert "dropout_p" not in kernels[0]  # eval: dropout is the identity inside the kernel
     assert KERNELS[kernels[0]["name"]].calls["kernel"] >= 1
     assert any("dsc_fused" in str(n.target) for n in compiled._eval_gm.graph.nodes)
+
+
+def test_a_backward_kernel_the_compiler_refuses_falls_back_to_recompute(monkeypatch):
+    from dsc.passes import fusion
+
+    def refuse(self, dtype):
+        raise cache.CompileError("cc: error: (simulated)")
+
+    monkeypatch.setattr(fusion.Kernel, "build_backward", refuse)
+    torch.manual_seed(0)
+    module, ref = LayerNormSmall(), LayerNormSmall()
+    ref.load_state_dict(module.state_dict())
+    x = torch.randn(37, 53)
+    compiled = dsc.compile(module, {"fusion": {"enabled": True}}, example_inputs=(x,))
+    [k] = compiled.report()["kernels"]
+    assert k["backward"] == "recompute" and "simulated" in k["backward_declined"]
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    before = dict(KERNELS[k["name"]].calls)
+    compiled(a).sum().backward()
+    ref(b).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    calls = KERNELS[k["name"]].calls
+    assert calls["kernel"] == before["kernel"] + 1 and calls["backward"] == before["backward"]
