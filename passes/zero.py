@@ -248,7 +248,7 @@ def plan_zero_buckets(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResu
     if zero.stage == 3:
         biggest = max((b.padded for b in buckets if not b.persistent), default=0)
         live = max(1, min(3, int(zero.max_live_parameters) // biggest)) if biggest else 3
-        if live < 3 and biggest:
+        if live == 1 or (live == 2 and zero.overlap_comm):
             declined.append({"what": f"zero.max_live_parameters={int(zero.max_live_parameters):,}",
                              "reason": f"room for {live} whole bucket(s) of up to {biggest:,} elements: "
                              + ("gathers are not prefetched" if live == 2 else "one bucket is whole at a "

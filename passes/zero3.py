@@ -6,12 +6,15 @@ Guarantees: no get_attr of an original trainable parameter remains. For each buc
 reads this rank's shard (`get_attr _dsc_shard_<b>`, a 1-D parameter of `chunk` elements the
 runtime creates), gathers it with `dsc::all_gather` (whose gradient is the reduce-scatter, so
 autograd reduces gradients into the shards), and takes each parameter as a view of the gathered
-buffer (one split_with_sizes per gather). A gather serves the uses of its bucket up to the first use of a later bucket; a use after
-that (a tied weight, say) gets a fresh gather, so at most the current and the previous bucket are
-whole at any point of forward. Persistent buckets (parameters under the persistence threshold)
+buffer (one split_with_sizes per gather). A gather serves the uses of its bucket while the bucket
+is among the `layout.recent` (2, or 1 under a tight max_live_parameters) most recently used; a
+later use (a tied weight, say) gets a fresh gather, so at most that many non-persistent buckets
+are whole at any point of forward. Persistent buckets (parameters under the persistence threshold)
 are gathered once per forward and kept for backward; the others are re-gathered in backward by the
 runtime's saved-tensor hooks (`dsc.runtime.zero3`), so no whole parameter outlives its use.
 Reads node.meta: `val`. Writes node.meta: `val` on new nodes, `dsc.gather` = bucket index.
+Writes `ctx.artifacts["zero3_gather_order"]`: the bucket of every gather in graph order (the
+runtime prefetches along it).
 """
 
 from __future__ import annotations
