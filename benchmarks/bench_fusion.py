@@ -141,11 +141,73 @@ def interleaved(fns: dict, reps: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+DEVICE = "cpu"  # --device; on "cuda" the generated kernels are Triton's
+
+
+def cuda_interleaved(fns: dict, reps: int, inner: int = 10) -> dict:
+    """GPU: median seconds per call, measured with CUDA events around `inner` back-to-back calls
+    (rounds interleaved over the contenders). Includes each contender's CPU-side launch cost when
+    that exceeds its GPU time; `cuda_graph_times` gives the GPU time alone."""
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            a.record()
+            for _ in range(inner):
+                fn()
+            b.record()
+            b.synchronize()
+            times[k].append(a.elapsed_time(b) / 1e3 / inner)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def cuda_graph_times(fns: dict, reps: int, inner: int = 20) -> dict:
+    """GPU time per call: each contender's `inner` calls captured in one CUDA graph, replayed `reps`
+    times (launch overhead gone: what the kernels themselves take). NaN when a contender cannot be
+    captured (dropout draws its seed on the host: a synchronisation)."""
+    out = {}
+    for k, fn in fns.items():
+        try:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(inner):
+                    fn()
+            g.replay()
+            torch.cuda.synchronize()
+            ts = []
+            for _ in range(reps):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                g.replay()
+                b.record()
+                b.synchronize()
+                ts.append(a.elapsed_time(b) / 1e3 / inner)
+            out[k] = statistics.median(ts)
+        except Exception as e:  # noqa: BLE001 -- report, do not stop the benchmark
+            print(f"  ({k}: no CUDA graph: {type(e).__name__}: {str(e)[:120]})", file=sys.stderr)
+            torch.cuda.synchronize()
+            out[k] = float("nan")
+    return out
+
+
+def timed(fns: dict, reps: int) -> dict:
+    return cuda_interleaved(fns, reps) if DEVICE == "cuda" else interleaved(fns, reps)
+
+
 def copy_bandwidth(nbytes: int, reps: int) -> float:
     """Read + write bytes per second of dst.copy_(src): the best of 5 medians (other processes on a
-    shared machine only ever lower it)."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32).normal_()
+    shared machine only ever lower it). On a GPU: the copy's time in a CUDA graph."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=DEVICE).normal_()
     dst = torch.empty_like(src)
+    if DEVICE == "cuda":
+        return 2 * nbytes / cuda_graph_times({"copy": lambda: dst.copy_(src)}, reps)["copy"]
     return max(2 * nbytes / median_time(lambda: dst.copy_(src), reps) for _ in range(5))
 
 
@@ -155,9 +217,9 @@ def bench_pattern(name, rows, cols, dtype, reps):
 
     build, n_full, n_vec, n_out = PATTERNS[name]
     torch.manual_seed(0)
-    module = build(cols).to(dtype)
-    xs = [torch.randn(rows, cols).to(dtype) for _ in range(n_full)]
-    xs += [torch.where(torch.rand(cols) < 0.1, float("-inf"), 0.0).to(dtype) for _ in range(n_vec)]
+    module = build(cols).to(device=DEVICE, dtype=dtype)
+    xs = [torch.randn(rows, cols, device=DEVICE).to(dtype) for _ in range(n_full)]
+    xs += [torch.where(torch.rand(cols, device=DEVICE) < 0.1, float("-inf"), 0.0).to(dtype) for _ in range(n_vec)]
     params = sum(p.numel() for p in module.parameters())
     elt = xs[0].element_size()
     ideal = elt * (rows * cols * (n_full + n_out) + cols * n_vec + params)
@@ -177,10 +239,18 @@ def bench_pattern(name, rows, cols, dtype, reps):
             finally:
                 fusion.REUSE_OUTPUTS = True
 
-        t = interleaved({"eager": lambda: module(*xs), "inductor": lambda: compiled(*xs),
-                         "dsc": lambda: fused(*xs), "dsc_fresh": fresh}, reps)
+        fns = {"eager": lambda: module(*xs), "inductor": lambda: compiled(*xs), "dsc": lambda: fused(*xs)}
+        if DEVICE == "cuda":  # GPU time in CUDA graphs (bandwidth), and per call with launch costs
+            t = cuda_graph_times(fns, reps)
+            calls = cuda_interleaved(fns, reps)
+            if all(math.isnan(v) for v in t.values()):
+                t = calls
+            extra = {f"{k}_call_s": v for k, v in calls.items()}
+        else:
+            t = interleaved({**fns, "dsc_fresh": fresh}, reps)
+            extra = {}
     return {"pattern": name, "shape": f"{rows}x{cols}", "dtype": str(dtype).replace("torch.", ""),
-            "bytes": ideal, "kernels": kernels, "max_abs_err_vs_eager": err,
+            "bytes": ideal, "kernels": kernels, "max_abs_err_vs_eager": err, **extra,
             **{f"{k}_s": v for k, v in t.items()}, **{f"{k}_GBps": ideal / v / 1e9 for k, v in t.items()}}
 
 
@@ -200,7 +270,7 @@ def bench_block(kind: str, dtype, reps: int, batch: int, seq: int):
                 self.layer, self.rope = LlamaDecoderLayer(cfg, 0), LlamaRotaryEmbedding(cfg)
 
             def forward(self, x):
-                pos = torch.arange(x.shape[1])[None]
+                pos = torch.arange(x.shape[1], device=x.device)[None]
                 return self.layer(x, position_embeddings=self.rope(x, pos))[0].float().mean()
 
         block, width = Block(), 1024
@@ -216,8 +286,8 @@ def bench_block(kind: str, dtype, reps: int, batch: int, seq: int):
                 return self.block(x).mean()
 
         block, width = Block(), 1024
-    block = block.to(dtype)
-    x = torch.randn(batch, seq, width).to(dtype)
+    block = block.to(device=DEVICE, dtype=dtype)
+    x = torch.randn(batch, seq, width, device=DEVICE).to(dtype)
     fused = dsc.compile(block, {"fusion": {"enabled": True}}, example_inputs=(x,))
     compiled = torch.compile(block)
 
@@ -230,7 +300,7 @@ def bench_block(kind: str, dtype, reps: int, batch: int, seq: int):
     for fn in (block, compiled, fused):
         for _ in range(2):
             step(fn)()
-    t = interleaved({"eager": step(block), "inductor": step(compiled), "dsc": step(fused)}, reps)
+    t = timed({"eager": step(block), "inductor": step(compiled), "dsc": step(fused)}, reps)
     return {"block": kind, "shape": f"{batch}x{seq}x{width}", "dtype": str(dtype).replace("torch.", ""),
             "kernels": len(fused.report()["kernels"]), **{f"{k}_s": v for k, v in t.items()}}
 
@@ -242,8 +312,8 @@ def bench_norm_backward(name: str, rows: int, cols: int, dtype, reps: int) -> di
     from dsc.passes import fusion
 
     torch.manual_seed(0)
-    module = PATTERNS[name][0](cols).to(dtype)
-    x = torch.randn(rows, cols).to(dtype)
+    module = PATTERNS[name][0](cols).to(device=DEVICE, dtype=dtype)
+    x = torch.randn(rows, cols, device=DEVICE).to(dtype)
     fused = dsc.compile(module, {"fusion": {"enabled": True}}, example_inputs=(x,))
     compiled = torch.compile(module)
     generated = fusion.Kernel.__dict__["has_backward"]
@@ -264,7 +334,7 @@ def bench_norm_backward(name: str, rows: int, cols: int, dtype, reps: int) -> di
     fns = {"eager": step(module), "inductor": step(compiled), "dsc": step(fused), "dsc_recompute": recompute}
     for fn in fns.values():
         fn(), fn()
-    t = interleaved(fns, reps)
+    t = timed(fns, reps)
     return {"norm": name, "shape": f"{rows}x{cols}", "dtype": str(dtype).replace("torch.", ""),
             **{f"{k}_s": v for k, v in t.items()}}
 
@@ -279,8 +349,12 @@ def main() -> int:
     p.add_argument("--block", default="gpt", choices=["gpt", "llama", "none"])
     p.add_argument("--block-batch", type=int, default=4)
     p.add_argument("--block-seq", type=int, default=256)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: Triton kernels on the GPU, timed in CUDA graphs (GPU time) and per call")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    global DEVICE
+    DEVICE = args.device
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
@@ -294,17 +368,22 @@ def main() -> int:
                 print(json.dumps(res) if args.json else
                       f"{name:<15} {res['shape']:>9} {res['dtype']:<8} "
                       + "  ".join(f"{k} {res[k + '_GBps']:5.1f} GB/s ({res[k + '_GBps'] * 1e9 / copy:4.0%})"
-                                  for k in ("eager", "inductor", "dsc", "dsc_fresh"))
+                                  for k in ("eager", "inductor", "dsc", "dsc_fresh") if k + "_GBps" in res)
+                      + ("  per call (us) " + "/".join(f"{res[k + '_call_s'] * 1e6:.0f}"
+                                                        for k in ("eager", "inductor", "dsc"))
+                         if "dsc_call_s" in res else "")
                       + f"  dsc/eager {res['eager_s'] / res['dsc_s']:.2f}x  dsc/inductor "
                         f"{res['inductor_s'] / res['dsc_s']:.2f}x  err {res['max_abs_err_vs_eager']:.1e}", flush=True)
-    print(f"copy bandwidth (read + write): {copy / 1e9:.1f} GB/s, {args.threads} threads")
+    print(f"copy bandwidth (read + write): {copy / 1e9:.1f} GB/s, "
+          + (torch.cuda.get_device_name() if DEVICE == "cuda" else f"{args.threads} threads"))
     for dt in args.dtypes.split(","):
         for name in [n for n in ("layernorm", "rmsnorm") if n in args.patterns.split(",")]:
             r, c = shapes[0]
             res = bench_norm_backward(name, r, c, DTYPES[dt], args.reps)
+            bwd = "backward kernel" if DEVICE == "cpu" else "recompute: no generated backward for Triton yet"
             print(json.dumps(res) if args.json else
                   f"{name} fwd+bwd {res['shape']} {res['dtype']}: eager {res['eager_s'] * 1e3:.1f} ms, inductor "
-                  f"{res['inductor_s'] * 1e3:.1f} ms, dsc {res['dsc_s'] * 1e3:.1f} ms (backward kernel), "
+                  f"{res['inductor_s'] * 1e3:.1f} ms, dsc {res['dsc_s'] * 1e3:.1f} ms ({bwd}), "
                   f"{res['dsc_recompute_s'] * 1e3:.1f} ms (recompute): dsc/eager {res['eager_s'] / res['dsc_s']:.2f}x, "
                   f"dsc/inductor {res['inductor_s'] / res['dsc_s']:.2f}x", flush=True)
     if args.block != "none":

@@ -720,8 +720,16 @@ def _place(graph: torch.fx.Graph, group: Group) -> torch.fx.Node | None:
 
 
 def _graph_device(gm: torch.fx.GraphModule) -> str:
+    """Where the graph's tensors live: its parameters', else its inputs' (a module without
+    parameters, e.g. a softmax, called on GPU tensors)."""
     p = next((p for p in gm.parameters() if p.device.type != "meta"), None)
-    return p.device.type if p is not None else "cpu"
+    if p is not None:
+        return p.device.type
+    for n in gm.graph.nodes:
+        v = n.meta.get("val") if n.op == "placeholder" else None
+        if isinstance(v, torch.Tensor) and v.device.type != "meta":
+            return v.device.type
+    return "cpu"
 
 
 def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:

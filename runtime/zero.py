@@ -236,7 +236,7 @@ class ZeroEngine:
         else:  # replicated and tensor-parallel elements summed apart: ranks must agree bit for bit
             parts = [sum(float(torch.linalg.vector_norm(self.shard_params[i].grad[a:z])) ** 2
                          for i, a, z in self._tp_ranges[split]) for split in (False, True)]
-        t = torch.tensor(parts, dtype=torch.float64)
+        t = torch.tensor(parts, dtype=torch.float64, device=self.flat.device)  # NCCL reduces GPU tensors
         if self.layout.stage >= 1 and self.world > 1:
             C.all_reduce_(t, self.group, self.world)
         if self.tp > 1:
