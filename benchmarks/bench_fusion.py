@@ -240,9 +240,9 @@ def bench_pattern(name, rows, cols, dtype, reps):
                 fusion.REUSE_OUTPUTS = True
 
         fns = {"eager": lambda: module(*xs), "inductor": lambda: compiled(*xs), "dsc": lambda: fused(*xs)}
-        if DEVICE == "cuda":  # GPU time in CUDA graphs (bandwidth), and per call with launch costs
-            t = cuda_graph_times(fns, reps)
+        if DEVICE == "cuda":  # per call with launch costs, and GPU time in CUDA graphs (bandwidth)
             calls = cuda_interleaved(fns, reps)
+            t = cuda_graph_times(fns, reps)
             if all(math.isnan(v) for v in t.values()):
                 t = calls
             extra = {f"{k}_call_s": v for k, v in calls.items()}
@@ -361,7 +361,7 @@ def main() -> int:
     copy = copy_bandwidth(max(r * c for r, c in shapes) * 4, args.reps)
     rows = []
     for dt in args.dtypes.split(","):
-        for name in args.patterns.split(","):
+        for name in filter(None, args.patterns.split(",")):
             for r, c in shapes:
                 res = bench_pattern(name, r, c, DTYPES[dt], args.reps)
                 rows.append(res)

@@ -35,7 +35,9 @@ if [ "${1:-}" = quick ]; then
 else
     shapes=8192x1024,4096x4096,16384x4096; reps=20
 fi
-timeout 330 python3 benchmarks/bench_fusion.py --device cuda --shapes "$shapes" --reps "$reps" \
+timeout 300 python3 benchmarks/bench_fusion.py --device cuda --shapes "$shapes" --reps "$reps" \
     --block gpt --block-batch 16 --block-seq 512 2>&1 | tee "$OUT/bench_fusion_cuda.txt"
+timeout 150 python3 benchmarks/bench_fusion.py --device cuda --patterns "" --dtypes fp32,bf16 --reps "$reps" \
+    --block llama --block-batch 16 --block-seq 512 2>&1 | tee "$OUT/bench_block_llama_cuda.txt"
 echo "tests rc=$tests_rc"
 exit "$tests_rc"

@@ -361,7 +361,7 @@ class Kernel:
         rows = max(1, _numel(self.shape) // max(self.cols, 1))
         outs = [self._output(i, dtype, tensors[0].device) for i in range(self.n_out)]
         if self.backend == "triton":
-            fn(xs, outs, rows, self.cols, **({"seed": int(seeds[0])} if seeds else {}), **self.params)
+            fn(xs, outs, rows, self.cols, **({"seed": seeds[0]} if seeds else {}), **self.params)
         elif self.pattern == "pointwise":
             fn(*[cpu.ptr(x) for x in xs], *[cpu.ptr(o) for o in outs], _i64(rows), _i64(self.cols),
                *[ctypes.c_uint32(int(t)) for t in seeds])

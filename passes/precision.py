@@ -21,11 +21,17 @@ ASSERT = torch.ops.aten._assert_tensor_metadata.default
 def relax_dtype_asserts(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
     """Remove capture-time dtype assertions on floating-point tensors."""
     removed = 0
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is ASSERT and not node.users:
-            dtype = node.kwargs.get("dtype")
-            if dtype is None or dtype.is_floating_point:
-                gm.graph.erase_node(node)
-                removed += 1
+    for mod in gm.modules():  # with the subgraphs of higher-order ops (e.g. a no_grad region)
+        if not isinstance(mod, torch.fx.GraphModule):
+            continue
+        before = removed
+        for node in list(mod.graph.nodes):
+            if node.op == "call_function" and node.target is ASSERT and not node.users:
+                dtype = node.kwargs.get("dtype")
+                if dtype is None or dtype.is_floating_point:
+                    mod.graph.erase_node(node)
+                    removed += 1
+        if removed > before and mod is not gm:
+            mod.recompile()
     return PassResult(summary=f"{ctx.plan.precision.dtype} autocast: removed {removed} capture-time dtype "
                               "assertion(s)", changed_graph=removed > 0, details={"removed": removed})

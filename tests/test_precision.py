@@ -100,3 +100,31 @@ def test_bf16_eval_mode_runs_under_autocast():
     with torch.no_grad():
         logits = compiled(*a, **kw).logits
     assert torch.equal(logits, logits.bfloat16().float())
+
+
+class NoGradCast(torch.nn.Module):
+    """A cast inside a no_grad region: export puts it in a higher-order op's subgraph (as
+    transformers' rotary embedding, whose assertion broke bf16 Llama on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        with torch.no_grad():
+            s = self.lin(x).to(torch.float32) * 2
+        return (self.lin(x) * s).float().mean()
+
+
+def test_bf16_relaxes_dtype_assertions_inside_subgraphs():
+    torch.manual_seed(0)
+    ref = NoGradCast()
+    model = NoGradCast()
+    model.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 8)
+    compiled = dsc.compile(model, {"precision": {"dtype": "bf16"}, "optimizer": {"type": "adamw"}}, example_inputs=(x,))
+    loss = compiled(x)
+    compiled.backward(loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = ref(x)
+    torch.testing.assert_close(loss, expected)
