@@ -43,6 +43,7 @@ import hashlib
 import operator
 import sys
 import threading
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -295,10 +296,16 @@ class Kernel:
     # -- generated backward (LayerNorm and RMSNorm; other groups recompute their unfused ops) ------
     @property
     def has_backward(self) -> bool:
-        return self.backend == "cpu" and self.pattern in ("layernorm", "rmsnorm") and not self.params.get("has_residual")
+        return self.pattern in ("layernorm", "rmsnorm") and not self.params.get("has_residual")
 
     def build_backward(self, dtype: torch.dtype) -> str:
         """Compile (or find in the cache) the backward kernel for `dtype`; returns its source path."""
+        if self.backend == "triton":
+            src = cpu.render("rownorm_bwd.py.j2", kind=self.pattern, name=self.name, replaced=", ".join(self.replaced),
+                             has_weight=self.params.get("has_weight", True), has_bias=self.params.get("has_bias", False))
+            mod, path = triton_backend.load(src)
+            self._bwd[dtype] = (mod.launch_backward, None, str(path))
+            return str(path)
         src = cpu.render("rownorm_bwd.c.j2", kind=self.pattern, name=self.name, dtype=cpu.DTYPES[dtype],
                          replaced=", ".join(self.replaced), has_weight=self.params.get("has_weight", True),
                          has_bias=self.params.get("has_bias", False))
@@ -312,7 +319,8 @@ class Kernel:
         apply (then the caller recomputes the unfused ops)."""
         x, w, b = (list(xs) + [None, None])[:3]
         dtype = x.dtype
-        if not self.has_backward or dtype not in cpu.DTYPES or dy.dtype != dtype or x.device.type != "cpu" or \
+        device = "cuda" if self.backend == "triton" and x.is_cuda else "cpu"
+        if not self.has_backward or dtype not in cpu.DTYPES or dy.dtype != dtype or x.device.type != device or \
                 tuple(x.shape) != self.input_shapes[0] or any(t is not None and t.dtype != dtype for t in (w, b)):
             return None
         if dtype not in self._bwd:
@@ -325,6 +333,17 @@ class Kernel:
         fn, red, _ = self._bwd[dtype]
         cols = self.cols
         rows = max(1, _numel(self.shape) // max(cols, 1))
+        if self.backend == "triton":  # Triton compiles at the first launch: a refusal recomputes from then on
+            try:
+                dx, dw, db = fn(x.contiguous(), w, dy.contiguous(), rows, cols, float(self.params["eps"]))
+            except Exception as exc:  # noqa: BLE001
+                if self.calls["backward"]:
+                    raise  # it ran before: not a compile error
+                warnings.warn(f"{self.name}: the Triton backward kernel failed ({exc}); recomputing instead")
+                self._bwd[dtype] = None
+                return None
+            self.calls["backward"] += 1
+            return [dx, dw, db][:len(xs)]
         blocks = min(rows, 64)  # fixed, not per thread: the weight gradient's sum order never changes
         x, dy = x.contiguous(), dy.contiguous()
         dx = torch.empty_like(x)

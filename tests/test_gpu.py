@@ -49,6 +49,16 @@ def test_triton_pattern_on_the_gpu_matches_eager(name, dtype):
     # fp32: eager CUDA reduces in another order (LayerNorm's Welford vs our two passes): ~1e-6 apart
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(y.float(), y_ref.float(), **tol)
+    if pattern in ("layernorm", "rmsnorm"):  # the generated Triton backward, against float64
+        assert kernels[0]["backward"] == "generated" and KERNELS[kernels[0]["name"]].calls["backward"] >= 1
+        torch.manual_seed(0)
+        _, _, grads64 = _run(build().double(), [x.double().cpu() for x in xs], fused=False)
+        floor = 1e-6 if dtype == torch.float32 else 1e-2
+        for g, r, d in zip(grads, grads_ref, grads64):
+            err = float((g.double().cpu() - d).norm() / d.norm())
+            eager = float((r.double().cpu() - d).norm() / d.norm())
+            assert err <= max(eager, floor), f"gradient {tuple(g.shape)}: relative error {err:.3g}, eager's {eager:.3g}"
+        return
     for g, r in zip(grads, grads_ref):  # backward recomputes the unfused ops with eager CUDA kernels
         torch.testing.assert_close(g.float(), r.float(), **tol)
 
