@@ -159,7 +159,7 @@ class CompiledModel(nn.Module):
             make_opt = lambda ps: build_optimizer(ps, plan.optimizer)  # noqa: E731
         make_sched = (lambda opt: build_scheduler(opt, plan.scheduler)) if plan.scheduler else None
         args = (layout, make_opt, make_sched, groups["dp"], plan.batch.gradient_accumulation_steps,
-                plan.gradient_clipping)
+                plan.gradient_clipping, DTYPES.get(plan.precision.grad_accum_dtype, torch.float32))
         self._engine = Zero3Engine(gm, params, *args) if layout.stage == 3 else ZeroEngine(params, *args)
         self._engine.set_tensor_parallel(tp_layout, groups["tp"], plan.tensor_parallel.size)
         if isinstance(self._engine, Zero3Engine):

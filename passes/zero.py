@@ -71,6 +71,7 @@ class ZeroLayout:
     allgather_bucket_size: int = 500_000_000  # elements of updated parameters in flight at once
     excluded: tuple[tuple[str, str], ...] = field(default=())  # (parameter, reason)
     live_buckets: int = 3  # ZeRO-3: non-persistent buckets max_live_parameters lets be whole at once (1-3)
+    grad_element_size: int = 0  # bytes per accumulated gradient element (precision.grad_accum_dtype); 0: as params
 
     @property
     def recent(self) -> int:
@@ -100,7 +101,7 @@ class ZeroLayout:
         opt_elems = self.padded if self.stage == 0 else self.shard_numel
         return {
             "params_bytes": e * (self.shard_numel if self.stage >= 3 else self.padded),
-            "grads_bytes": e * (self.shard_numel if self.stage >= 2 else self.padded),
+            "grads_bytes": (self.grad_element_size or e) * (self.shard_numel if self.stage >= 2 else self.padded),
             "optimizer_bytes": e * STATE_PER_ELEMENT[optimizer] * opt_elems
             + 4 * STEP_TENSORS[optimizer] * len(self.buckets),
         }
@@ -125,7 +126,8 @@ class ZeroLayout:
         if n == 1:
             return out
         for b in self.buckets:
-            payload = e * b.padded
+            # stages 0-2 reduce the accumulated gradients (their dtype); stage 3 the gather's gradient
+            payload = (e if self.stage == 3 else self.grad_element_size or e) * b.padded
             if self.stage == 0:
                 out.append({"op": "all_reduce", "bucket": b.index, "when": "backward (last micro-step)",
                             "payload_bytes": payload, "sent_bytes": 2 * payload * (n - 1) // n, "times": 1})
@@ -137,7 +139,7 @@ class ZeroLayout:
                             "sent_bytes": factor * payload * (n - 1) // n, "times": times})
         if self.stage in (1, 2):
             for b in self.buckets:
-                payload = e * b.padded
+                payload = self.element_size * b.padded
                 out.append({"op": "all_gather", "bucket": b.index, "when": "step (updated params)",
                             "payload_bytes": payload, "sent_bytes": payload * (n - 1) // n, "times": 1})
         if self.stage == 3:
@@ -256,7 +258,8 @@ def plan_zero_buckets(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResu
                                 "(lower prefetch_bucket_size for smaller buckets)")})
     layout = ZeroLayout(zero.stage, ctx.coords["dp"], dp, shards, element_size, tuple(buckets), zero.overlap_comm,
                         zero.reduce_scatter, int(zero.allgather_bucket_size),
-                        tuple((d["what"], d["reason"]) for d in declined), live)
+                        tuple((d["what"], d["reason"]) for d in declined), live,
+                        {"fp32": 4, "bf16": 2, "fp16": 2}[ctx.plan.precision.grad_accum_dtype])
     ctx.artifacts["zero_layout"] = layout
     order = "forward" if zero.stage == 3 else "backward"
     return PassResult(

@@ -46,11 +46,14 @@ class ZeroEngine:
         group: dist.ProcessGroup | None,
         accumulation_steps: int,
         clip: float,
+        grad_dtype: torch.dtype | None = None,
     ):
         self._init_common(layout, group, accumulation_steps, clip)
 
         first = next(iter(params.values()))
         dtype, device = first.dtype, first.device
+        self._init_grad_dtype(dtype, grad_dtype)
+        gdt = self.grad_dtype
         self.flat = torch.zeros(layout.padded, dtype=dtype, device=device)
         self.params = params
         for b in layout.buckets:
@@ -63,20 +66,24 @@ class ZeroEngine:
         stage = layout.stage
         self.shard_params = [torch.nn.Parameter(self._chunk(self.flat, b)) for b in layout.buckets]
         if stage <= 1:
-            self.flat_grad = torch.zeros_like(self.flat)
-            for b in layout.buckets:
-                for s in b.slots:
-                    params[s.name].grad = self._slot(self.flat_grad, b, s.offset, s.numel).view(s.shape)
-            for sp, b in zip(self.shard_params, layout.buckets):
-                sp.grad = self._chunk(self.flat_grad, b)
+            self.flat_grad = torch.zeros(layout.padded, dtype=gdt, device=device)
+            if not self.split_grads:  # each .grad is a view of the flat gradient: autograd accumulates there
+                for b in layout.buckets:
+                    for s in b.slots:
+                        params[s.name].grad = self._slot(self.flat_grad, b, s.offset, s.numel).view(s.shape)
+            self.grad_chunks = [self._chunk(self.flat_grad, b) for b in layout.buckets]
         else:
             self.flat_grad = None
-            self.grad_shard = torch.zeros(layout.shard_numel, dtype=dtype, device=device)
+            self.grad_shard = torch.zeros(layout.shard_numel, dtype=gdt, device=device)
             offset = 0
-            for sp, b in zip(self.shard_params, layout.buckets):
-                sp.grad = self.grad_shard[offset: offset + b.chunk]
+            self.grad_chunks = []
+            for b in layout.buckets:
+                self.grad_chunks.append(self.grad_shard[offset: offset + b.chunk])
                 offset += b.chunk
             self._bucket_buf: dict[int, torch.Tensor] = {}
+        if not self.split_grads:
+            for sp, g in zip(self.shard_params, self.grad_chunks):
+                sp.grad = g
 
         self._slot_of = {s.name: (b, s) for b in layout.buckets for s in b.slots}
         self._hooks = [
@@ -84,6 +91,14 @@ class ZeroEngine:
         ]
         self.optimizer = build_optimizer(self.shard_params) if build_optimizer else None
         self.scheduler = build_scheduler(self.optimizer) if (build_scheduler and self.optimizer) else None
+
+    def _init_grad_dtype(self, dtype: torch.dtype, grad_dtype: torch.dtype | None) -> None:
+        """Gradients accumulate in `grad_dtype` (precision.grad_accum_dtype). When it is not the
+        parameters' dtype, no `.grad` can be a view of the accumulation buffer (autograd requires
+        a parameter's dtype): each gradient is added into the buffer and dropped as backward
+        produces it, and `step` hands the optimizer one bucket's gradient at a time, converted."""
+        self.grad_dtype = grad_dtype or dtype
+        self.split_grads = self.grad_dtype != dtype
 
     def _init_common(self, layout: ZeroLayout, group, accumulation_steps: int, clip: float) -> None:
         self.layout = layout
@@ -151,12 +166,15 @@ class ZeroEngine:
         if self.layout.stage >= 2:
             buf = self._bucket_buf.get(b.index)
             if buf is None:
-                buf = self._bucket_buf[b.index] = torch.zeros(b.padded, dtype=p.dtype, device=p.device)
+                buf = self._bucket_buf[b.index] = torch.zeros(b.padded, dtype=self.grad_dtype, device=p.device)
             buf[s.offset: s.offset + s.numel].add_(p.grad.reshape(-1))
             p.grad = None
         else:
             view = self._slot(self.flat_grad, b, s.offset, s.numel).view(s.shape)
-            if p.grad is not view and p.grad.data_ptr() != view.data_ptr():
+            if self.split_grads:  # accumulate in grad_dtype; autograd starts a new .grad next time
+                view.add_(p.grad)
+                p.grad = None
+            elif p.grad is not view and p.grad.data_ptr() != view.data_ptr():
                 view.copy_(p.grad)  # someone replaced .grad (e.g. zero_grad(set_to_none=True))
                 p.grad = view
             if not self._boundary:
@@ -180,7 +198,7 @@ class ZeroEngine:
             dst = self._chunk(self.flat_grad, b)
         else:
             src = self._bucket_buf.pop(b.index)
-            dst = self.shard_params[b.index].grad
+            dst = self.grad_chunks[b.index]
         if self.layout.reduce_scatter:
             out = torch.empty(b.chunk, dtype=src.dtype, device=src.device)
             work = C.reduce_scatter_(out, src, self.group, n, async_op=overlap)
@@ -204,7 +222,7 @@ class ZeroEngine:
                 if b.index in self._reduced:
                     continue
                 if self.layout.stage >= 2 and b.index not in self._bucket_buf:
-                    self._bucket_buf[b.index] = torch.zeros(b.padded, dtype=self.flat.dtype, device=self.flat.device)
+                    self._bucket_buf[b.index] = torch.zeros(b.padded, dtype=self.grad_dtype, device=self.flat.device)
                 self._reduce(b)
         for work, finish in self._pending:
             if work is not None:
@@ -231,11 +249,12 @@ class ZeroEngine:
 
     def grad_norm(self) -> float:
         """Global L2 norm of the averaged gradient, across data- and tensor-parallel shards."""
+        norm = lambda g: float(torch.linalg.vector_norm(g, dtype=torch.float32)) ** 2  # noqa: E731
         if self.tp == 1:
-            parts = [sum(float(torch.linalg.vector_norm(sp.grad)) ** 2 for sp in self.shard_params), 0.0]
+            parts = [sum(norm(g) for g in self.grad_chunks), 0.0]
         else:  # replicated and tensor-parallel elements summed apart: ranks must agree bit for bit
-            parts = [sum(float(torch.linalg.vector_norm(self.shard_params[i].grad[a:z])) ** 2
-                         for i, a, z in self._tp_ranges[split]) for split in (False, True)]
+            parts = [sum(norm(self.grad_chunks[i][a:z]) for i, a, z in self._tp_ranges[split])
+                     for split in (False, True)]
         t = torch.tensor(parts, dtype=torch.float64, device=self.flat.device)  # NCCL reduces GPU tensors
         if self.layout.stage >= 1 and self.world > 1:
             C.all_reduce_(t, self.group, self.world)
@@ -252,10 +271,11 @@ class ZeroEngine:
         if self.optimizer is None:
             raise RuntimeError("this model was compiled without an optimizer (plan has no 'optimizer')")
         self._average()
-        if self.scaler.cur_scale != 1.0:
-            for sp in self.shard_params:
-                sp.grad.div_(self.scaler.cur_scale)
-        self.last_grad_norm = self.grad_norm()  # global across shards: every rank sees the same
+        scale = self.scaler.cur_scale
+        if scale != 1.0 and not self.split_grads:
+            for g in self.grad_chunks:
+                g.div_(scale)
+        self.last_grad_norm = self.grad_norm() / (scale if self.split_grads else 1.0)  # the same on every rank
         if not math.isfinite(self.last_grad_norm):
             if not self.scaler.dynamic:
                 raise FloatingPointError(f"gradient norm is {self.last_grad_norm} at step {self.global_step}")
@@ -264,12 +284,25 @@ class ZeroEngine:
             self.zero_grad()
             return False
         self.scaler.update(False)
+        coef = 1.0
         if self.clip > 0:
-            coef = self.clip / (self.last_grad_norm + 1e-6)
-            if coef < 1.0:
-                for sp in self.shard_params:
+            coef = min(1.0, self.clip / (self.last_grad_norm + 1e-6))
+        if self.split_grads:  # one bucket's gradient in the parameters' dtype at a time
+            for sp in self.shard_params:
+                sp.grad = None
+            for sp, g in zip(self.shard_params, self.grad_chunks):
+                sp.grad = g.to(sp.dtype)
+                if scale != 1.0:
+                    sp.grad.div_(scale)  # the loss scale comes off in the parameters' dtype
+                if coef < 1.0:
                     sp.grad.mul_(coef)
-        self.optimizer.step()
+                self.optimizer.step()  # updates only the parameter that has a gradient
+                sp.grad = None
+        else:
+            if coef < 1.0:
+                for g in self.grad_chunks:
+                    g.mul_(coef)
+            self.optimizer.step()
         if self.layout.stage >= 1:
             self._gather_params()
         if self.scheduler is not None:

@@ -37,12 +37,15 @@ class Zero3Engine(ZeroEngine):
     """ZeroEngine for stage 3: shards instead of a flat full buffer; no all-gather after step."""
 
     def __init__(self, gm: torch.nn.Module, params: dict[str, torch.nn.Parameter], layout: ZeroLayout,
-                 build_optimizer, build_scheduler, group, accumulation_steps: int, clip: float):
+                 build_optimizer, build_scheduler, group, accumulation_steps: int, clip: float,
+                 grad_dtype: torch.dtype | None = None):
         self._init_common(layout, group, accumulation_steps, clip)
         first = next(iter(params.values()))
         dtype, device = first.dtype, first.device
+        self._init_grad_dtype(dtype, grad_dtype)
         self.flat = torch.zeros(layout.shard_numel, dtype=dtype, device=device)  # this rank's shards
-        self.flat_grad = torch.zeros_like(self.flat)
+        self.flat_grad = torch.zeros(layout.shard_numel, dtype=self.grad_dtype, device=device)
+        self.grad_chunks = []
         self.shard_params = []
         offset = 0
         for b in layout.buckets:
@@ -52,7 +55,9 @@ class Zero3Engine(ZeroEngine):
             chunk = self.flat[offset: offset + b.chunk]
             chunk.copy_(whole[self.rank * b.chunk: (self.rank + 1) * b.chunk])
             shard = torch.nn.Parameter(chunk)
-            shard.grad = self.flat_grad[offset: offset + b.chunk]
+            self.grad_chunks.append(self.flat_grad[offset: offset + b.chunk])
+            if not self.split_grads:  # autograd accumulates straight into the flat gradient
+                shard.grad = self.grad_chunks[-1]
             gm.register_parameter(shard_attr(b.index), shard)
             self.shard_params.append(shard)
             offset += b.chunk
@@ -70,8 +75,8 @@ class Zero3Engine(ZeroEngine):
         self._train_order: list[int] = []  # the training graph's
         self._phase, self._fwd_pos, self._bwd_pos = None, 0, -1
         C.add_gather_listener(self._on_gather)
-        for sp in self.shard_params:
-            sp.register_post_accumulate_grad_hook(self._on_shard_grad)
+        for i, sp in enumerate(self.shard_params):
+            sp.register_post_accumulate_grad_hook(lambda shard, i=i: self._on_shard_grad(shard, i))
         self.optimizer = build_optimizer(self.shard_params) if build_optimizer else None
         self.scheduler = build_scheduler(self.optimizer) if (build_scheduler and self.optimizer) else None
 
@@ -160,10 +165,13 @@ class Zero3Engine(ZeroEngine):
             self._phase = None
 
     # -- backward and step --------------------------------------------------------------------------
-    def _on_shard_grad(self, _shard: torch.Tensor) -> None:
+    def _on_shard_grad(self, shard: torch.Tensor, i: int) -> None:
         if not self._callback_queued:
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+        if self.split_grads:  # accumulate in grad_dtype and drop the shard-sized gradient
+            self.grad_chunks[i].add_(shard.grad)
+            shard.grad = None
 
     def _end_backward(self) -> None:
         """Once backward has finished: drop the re-gather cache."""

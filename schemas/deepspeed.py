@@ -279,12 +279,14 @@ class _Translator:
                                       "dsc communicates in fp32")
         elif key == "data_types":
             for sub, v in (value or {}).items():
-                if sub == "grad_accum_dtype" and v in ("fp32", "float32"):
-                    self.put("precision.grad_accum_dtype", "fp32", f"{key}.{sub}")
+                dt = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16",
+                      "float16": "fp16"}.get(v) if isinstance(v, str) else None
+                if sub == "grad_accum_dtype" and dt:
+                    self.put("precision.grad_accum_dtype", dt, f"{key}.{sub}")
                 elif sub == "grad_accum_dtype" and v is None:
                     self.note(f"{key}.{sub}", "unset: dsc accumulates gradients in fp32")
                 else:
-                    self.warn(f"{key}.{sub}", v, "not supported yet; dsc accumulates gradients in fp32")
+                    self.warn(f"{key}.{sub}", v, "not supported; allowed grad_accum_dtype: fp32, bf16, fp16")
         elif key == "compile":
             for sub, v in (value or {}).items():
                 if sub == "passes":

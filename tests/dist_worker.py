@@ -29,7 +29,7 @@ def plan_for(stage: int, args) -> dict:
                       "warmup_num_steps": 3, "warmup_type": "linear"},
         "batch": {"micro_batch_size": args.micro, "gradient_accumulation_steps": args.gas},
         "gradient_clipping": args.clip,
-        "precision": {"dtype": args.precision},
+        "precision": {"dtype": args.precision, "grad_accum_dtype": args.grad_accum},
         "tensor_parallel": {"size": args.tp},
         "fusion": {"enabled": args.fusion},
     }
@@ -48,6 +48,7 @@ def main() -> None:
     p.add_argument("--overlap", action="store_true")
     p.add_argument("--max-live", type=int, default=1_000_000_000, help="zero.max_live_parameters")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--grad-accum", default="fp32", choices=["fp32", "bf16", "fp16"], help="precision.grad_accum_dtype")
     p.add_argument("--all-reduce", action="store_true", help="zero.reduce_scatter = false")
     p.add_argument("--allgather-bucket", type=int, default=500_000_000)
     p.add_argument("--fusion", action="store_true", help="fusion.enabled (generated kernels)")

@@ -57,7 +57,7 @@ def test_integral_floats_accepted():
     ({"zero": {"stage": 4}}, "zero.stage", ["4", "not allowed", "allowed: 0, 1, 2, 3"]),
     ({"zero": {"stage": 4}}, "zero.stage", ["4", "allowed: 0, 1, 2"]),
     ({"precision": {"dtype": "int8"}}, "precision.dtype", ["'int8'", "allowed: 'fp32', 'bf16', 'fp16'"]),
-    ({"precision": {"grad_accum_dtype": "bf16"}}, "precision.grad_accum_dtype", ["'bf16'", "not supported yet"]),
+    ({"precision": {"grad_accum_dtype": "int8"}}, "precision.grad_accum_dtype", ["'int8'", "'fp32', 'bf16', 'fp16'"]),
     ({"optimizer": {"type": "lion"}}, "optimizer.type", ["'lion'", "'adamw'", "'adam'", "'sgd'"]),
     ({"scheduler": {"type": "OneCycle"}}, "scheduler.type", ["'OneCycle'", "'WarmupLR'"]),
     ({"scheduler": {"type": "WarmupLR", "warmup_type": "cubic"}}, "scheduler.warmup_type",
