@@ -12,6 +12,10 @@ Memory (per rank, fp32):
   chunk. Stage 2: no full gradient buffer exists; every micro-step, each parameter's gradient is
   copied into a transient bucket buffer and dropped, full buckets are reduce-scattered, and this
   rank's chunk is added to a gradient shard of S elements.
+- `precision.grad_accum_dtype` other than the parameters' dtype (bf16 gradients of fp32 weights):
+  the gradient buffers take that dtype, so no `.grad` can be a view of them; each parameter's
+  gradient is added into its slot and dropped as backward produces it, reductions run in that
+  dtype, and `step` converts one bucket's gradient at a time for the optimizer.
 - With `overlap_comm`, bucket collectives are asynchronous and are waited for once, at the end
   of backward; otherwise each runs to completion inside backward.
 
