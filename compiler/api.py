@@ -327,11 +327,7 @@ class CompiledModel(nn.Module):
     def load_checkpoint(self, directory, tag: str | None = None) -> None:
         """Load a checkpoint saved by `save_checkpoint` (any world size or stage; default: latest)."""
         _, other = self._state_names()
-        buffers = load_checkpoint(self.engine, directory, tag)
-        with torch.no_grad():
-            for key, value in buffers.items():
-                if key in other:
-                    other[key].copy_(value)
+        load_checkpoint(self.engine, directory, tag, buffers=other)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full parameters and buffers under the original model's state_dict keys (copies).

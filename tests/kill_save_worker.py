@@ -1,5 +1,6 @@
 """Saves a checkpoint, trains a step, then is SIGKILLed in the middle of saving a second one
-(after its shard file is written, before the checkpoint is committed)."""
+(after its shards are written through torch.distributed.checkpoint, before the checkpoint is
+committed)."""
 
 from __future__ import annotations
 
@@ -26,13 +27,13 @@ if compiled.rank == 0:
     torch.save(compiled.full_state_dict(), out)
 compiled.backward(compiled(x, y))
 compiled.step()
-real_save = ckpt.torch.save
+real_write = ckpt._write_shards
 
 
-def save_then_die(obj, path, *args, **kwargs):
-    real_save(obj, path, *args, **kwargs)
-    os.kill(os.getpid(), signal.SIGKILL)  # a real kill, mid-checkpoint
+def write_then_die(state, folder):
+    real_write(state, folder)
+    os.kill(os.getpid(), signal.SIGKILL)  # a real kill, mid-checkpoint: shards written, nothing committed
 
 
-ckpt.torch.save = save_then_die
+ckpt._write_shards = write_then_die
 compiled.save_checkpoint(directory, tag="bad")
