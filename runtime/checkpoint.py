@@ -97,25 +97,33 @@ def _ranges(layout, d: int, writing: bool):
                 yield b, s, a - s.offset, z - s.offset, a - c0
 
 
-def _sharded(engine, name: str, numel: int, t: int, local: dict, dtype, writing: bool):
-    """A 1-D ShardedTensor of `numel` elements whose pieces sit on the ranks that own them;
-    `local` maps this rank's range start -> its tensor. The global metadata is computed from the
-    layout (every data-parallel rank's buckets are the same), so no collective is needed."""
+def _owners(layout, writing: bool) -> dict[str, list[tuple[int, int, int]]]:
+    """{parameter: [(data-parallel rank, lo, hi), ...]}: who holds which range of it."""
+    out: dict[str, list[tuple[int, int, int]]] = {}
+    for d in range(layout.dp):
+        for _, s, lo, hi, _ in _ranges(layout, d, writing):
+            out.setdefault(s.name, []).append((d, lo, hi))
+    return out
+
+
+def _sharded(engine, owners: list[tuple[int, int, int]], numel: int, t: int, local: dict, dtype):
+    """A 1-D ShardedTensor of `numel` elements whose pieces sit on the ranks that own them
+    (`owners`, from `_owners`); `local` maps this rank's range start -> its tensor. The global
+    metadata is computed from the layout (every data-parallel rank's buckets are the same), so no
+    collective is needed."""
     from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
     from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
     if not dist.is_initialized():  # one process owns all of it: a plain tensor
         return local[0]
     device = engine.flat.device.type
-    metas, mine = [], []
-    for d in range(engine.world):
+    metas, mine, me = [], [], _global_rank()
+    for d, lo, hi in owners:
         g = d * engine.tp + t  # global rank: tensor-parallel ranks are adjacent
-        for _, s, lo, hi, _ in _ranges(engine.layout, d, writing):
-            if s.name == name:
-                m = ShardMetadata([lo], [hi - lo], f"rank:{g}/{device}")
-                metas.append(m)
-                if g == _global_rank() and lo in local:
-                    mine.append(Shard(local[lo], m))
+        m = ShardMetadata([lo], [hi - lo], f"rank:{g}/{device}")
+        metas.append(m)
+        if g == me and lo in local:
+            mine.append(Shard(local[lo], m))
     props = TensorProperties(dtype=dtype)
     return ShardedTensor._init_from_local_shards_and_global_metadata(
         mine, ShardedTensorMetadata(metas, torch.Size([numel]), props))
@@ -161,13 +169,14 @@ def save_checkpoint(engine, model_state: dict[str, torch.Tensor], aliases: dict[
             if src is not None:
                 local.setdefault((kind, s.name), {})[lo] = src[at: at + hi - lo].clone()
     state: dict[str, Any] = {}
+    owners = _owners(layout, writing=True)
     with _quiet():
         for name, info in table.items():
             for kind in kinds:
                 for t in range(engine.tp):  # every rank describes every key (no collectives needed)
                     mine = local.get((kind, name), {}) if t == engine.tp_rank else {}
-                    state[_key(kind, name, engine.tp, t)] = _sharded(engine, name, info["numel"], t, mine,
-                                                                     engine.flat.dtype, writing=True)
+                    state[_key(kind, name, engine.tp, t)] = _sharded(engine, owners[name], info["numel"], t, mine,
+                                                                     engine.flat.dtype)
     state[f"rng/rank{me}"] = torch.get_rng_state()
     for k, v in model_state.items():
         state[f"buffer/{k}"] = v.detach()
@@ -338,11 +347,12 @@ def _load_own_layout(engine, folder: Path, kinds: list[str], opt_state: list[dic
             for b, s, lo, hi, at in _ranges(layout, engine.rank, writing=False):
                 src = engine.shard_params[b.index].detach() if kind == "param" else opt_state[b.index][kind]
                 local.setdefault(s.name, {})[lo] = src[at: at + hi - lo]
+            owners = _owners(layout, writing=False)
             for name, info in _param_table(engine).items():
                 for tt in range(tp):
                     mine = local.get(name, {}) if tt == t else {}
-                    state[_key(kind, name, tp, tt)] = _sharded(engine, name, info["numel"], tt, mine,
-                                                               engine.flat.dtype, writing=False)
+                    state[_key(kind, name, tp, tt)] = _sharded(engine, owners[name], info["numel"], tt, mine,
+                                                               engine.flat.dtype)
     with torch.no_grad():
         _read(folder, state)
 
