@@ -47,7 +47,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
+
+# torch.distributed.checkpoint is imported where it is used: importing it costs ~0.9 s (it pulls in
+# DTensor), which every `import dsc` and every launched rank would pay.
 
 VERSION = 2
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
@@ -143,6 +145,8 @@ def _optimizer_state(engine) -> list[dict]:
 # -- save -------------------------------------------------------------------------------------------
 def _write_shards(state: dict, folder: Path) -> None:
     """DCP's save of this rank's pieces (a function of its own so tests can interrupt it)."""
+    import torch.distributed.checkpoint as dcp
+
     with _quiet():
         dcp.save(state, storage_writer=dcp.FileSystemWriter(folder), no_dist=not dist.is_initialized())
 
@@ -232,6 +236,8 @@ def _meta(folder: Path) -> dict:
 
 def _read(folder: Path, state: dict) -> None:
     """Fill `state` in place from the checkpoint (plain tensors: whole; ShardedTensors: ranges)."""
+    import torch.distributed.checkpoint as dcp
+
     with _quiet():
         dcp.load(state, storage_reader=dcp.FileSystemReader(folder), no_dist=not dist.is_initialized())
 
@@ -387,6 +393,8 @@ def consolidate(directory: str | os.PathLike, out: str | os.PathLike, tag: str |
     whole = read_whole(folder, meta, ["param"])
     buffers = {f"buffer/{k}": torch.empty(0) for k in meta["buffers"]}
     if buffers:  # shapes come from DCP's own index
+        import torch.distributed.checkpoint as dcp
+
         md = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
         buffers = {k: torch.empty(tuple(md[k].size), dtype=md[k].properties.dtype) for k in buffers}
         _read(folder, buffers)

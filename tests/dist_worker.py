@@ -2,6 +2,7 @@
 from the same seed and writes losses and final parameters (rank 0) to --out.
 
     dsc run --nproc 2 tests/dist_worker.py --model gpt --stages 0,1,2 --out result.pt
+    dsc run --nproc 2 tests/dist_worker.py --model gpt,hf_llama --out results.pt   # {model: ...}
 """
 
 from __future__ import annotations
@@ -56,7 +57,15 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     rank, world, dp_rank, dp = join_job(args)
-    build, batch = MODELS[args.model]
+    models = args.model.split(",")  # several: one launch trains each in turn ({model: results})
+    out = {m: train(args, m, rank, world, dp_rank, dp) for m in models}
+    if rank == 0:
+        torch.save(out if len(models) > 1 else out[models[0]], args.out)
+    dsc.runtime.mesh.shutdown()
+
+
+def train(args, model_name: str, rank: int, world: int, dp_rank: int, dp: int) -> dict:
+    build, batch = MODELS[model_name]
     gb = args.micro * args.gas * dp
     data = dataset(args.steps, gb)
     results = {}
@@ -110,9 +119,7 @@ def main() -> None:
         dist.all_gather_object(all_mem, results[stage]["memory"])
         results[stage]["memory_all_ranks"] = all_mem
         del compiled
-    if rank == 0:
-        torch.save(results, args.out)
-    dsc.runtime.mesh.shutdown()
+    return results
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def run(module, xs, fused: bool):
         if fused else module
     y = model(*xs)
     g = torch.Generator().manual_seed(3)
-    dy = torch.randn(y.shape, generator=g).to(y.dtype)
+    dy = torch.randn(y.shape, generator=g).to(device=y.device, dtype=y.dtype)  # CPU or GPU (test_gpu.py)
     y.backward(dy)
     grads = [x.grad for x in xs if x.requires_grad] + [p.grad for p in module.parameters()]
     return model, y.detach(), grads
@@ -169,7 +169,7 @@ def _assert_grads_as_accurate_as_eager(build, xs, grads, grads_ref, dtype):
     most eager's, or within fp32's 1e-6 / bf16's 1e-2. (Measured at 1823 x 781: LayerNorm fp32
     weight grad 1.8e-7 vs eager's 5.1e-7; bf16 2.4e-3 vs 3.6e-2, eager accumulating in bf16.)"""
     torch.manual_seed(0)
-    ref64 = build().double()
+    ref64 = build().double().to(xs[0].device)
     _, _, grads64 = run(ref64, [x.double() for x in xs], fused=False)
     floor = 1e-6 if dtype == torch.float32 else 1e-2
     for g, r, d in zip(grads, grads_ref, grads64):

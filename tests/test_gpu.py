@@ -15,21 +15,9 @@ import dsc
 from dsc.passes.fusion import KERNELS
 
 from models import MODELS, dataset, loss_of
-from test_fusion import PATTERNS, BiasGeluDropoutResidual, inputs
+from test_fusion import PATTERNS, BiasGeluDropoutResidual, _assert_grads_as_accurate_as_eager, inputs, run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
-
-
-def _run(module, xs, fused: bool):
-    xs = [x.clone().requires_grad_(x.dtype.is_floating_point and not torch.isinf(x).any()) for x in xs]
-    model = dsc.compile(module, {"fusion": {"enabled": True}}, example_inputs=tuple(x.detach() for x in xs)) \
-        if fused else module
-    y = model(*xs)
-    g = torch.Generator().manual_seed(3)
-    dy = torch.randn(y.shape, generator=g).to(device=y.device, dtype=y.dtype)
-    y.backward(dy)
-    grads = [x.grad for x in xs if x.requires_grad] + [p.grad for p in module.parameters()]
-    return model, y.detach(), grads
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -41,8 +29,8 @@ def test_triton_pattern_on_the_gpu_matches_eager(name, dtype):
     torch.manual_seed(0)
     module = build().to(device="cuda", dtype=dtype)
     xs = [x.cuda() for x in inputs(name, dtype)]
-    compiled, y, grads = _run(module, xs, fused=True)
-    _, y_ref, grads_ref = _run(ref_module, xs, fused=False)
+    compiled, y, grads = run(module, xs, fused=True)
+    _, y_ref, grads_ref = run(ref_module, xs, fused=False)
     kernels = compiled.report()["kernels"]
     assert [(k["pattern"], k["backend"]) for k in kernels] == [(pattern, "triton")], kernels  # auto -> triton
     assert KERNELS[kernels[0]["name"]].calls["kernel"] >= 1 and KERNELS[kernels[0]["name"]].calls["fallback"] == 0
@@ -51,13 +39,7 @@ def test_triton_pattern_on_the_gpu_matches_eager(name, dtype):
     torch.testing.assert_close(y.float(), y_ref.float(), **tol)
     if pattern in ("layernorm", "rmsnorm"):  # the generated Triton backward, against float64
         assert kernels[0]["backward"] == "generated" and KERNELS[kernels[0]["name"]].calls["backward"] >= 1
-        torch.manual_seed(0)
-        _, _, grads64 = _run(build().double(), [x.double().cpu() for x in xs], fused=False)
-        floor = 1e-6 if dtype == torch.float32 else 1e-2
-        for g, r, d in zip(grads, grads_ref, grads64):
-            err = float((g.double().cpu() - d).norm() / d.norm())
-            eager = float((r.double().cpu() - d).norm() / d.norm())
-            assert err <= max(eager, floor), f"gradient {tuple(g.shape)}: relative error {err:.3g}, eager's {eager:.3g}"
+        _assert_grads_as_accurate_as_eager(build, xs, grads, grads_ref, dtype)
         return
     for g, r in zip(grads, grads_ref):  # backward recomputes the unfused ops with eager CUDA kernels
         torch.testing.assert_close(g.float(), r.float(), **tol)
