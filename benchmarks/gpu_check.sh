@@ -5,7 +5,7 @@
 # dsc is put on PYTHONPATH from this checkout (no pip); wheels in .whl/ (e.g. pydantic, where the
 # machine lacks it) are installed into /tmp/site first. Logs go to $OUT (default /tmp/dsc_gpu).
 #
-#     bash benchmarks/gpu_check.sh [quick]      # quick: fewer shapes in the benchmark
+#     bash benchmarks/gpu_check.sh [quick|tests]   # quick: fewer shapes; tests: no benchmark
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dsc_gpu}
@@ -30,6 +30,9 @@ print("device", torch.cuda.get_device_name(), "dsc from", dsc.__file__)
 EOF
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.txt"
 tests_rc=${PIPESTATUS[0]}
+if [ "${1:-}" = tests ]; then
+    exit "$tests_rc"
+fi
 if [ "${1:-}" = quick ]; then
     shapes=8192x1024,4096x4096; reps=10
 else
