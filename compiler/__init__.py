@@ -20,14 +20,10 @@ _FROM = {"compile": "api", "CompiledModel": "api", "CaptureError": "capture"}
 def __getattr__(name: str):
     if name in _FROM:
         value = getattr(importlib.import_module(f".{_FROM[name]}", __name__), name)
-    else:  # a submodule (dsc.runtime, dsc.passes, ...), loaded with the compiler, as an eager
-        importlib.import_module(".api", __name__)  # import would: dsc.runtime.mesh then exists too
-        try:
-            value = importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    else:  # a submodule (dsc.runtime, dsc.passes, ...)
+        from ._lazy import submodules
+
+        value = submodules(__name__)(name)
     globals()[name] = value
     return value
 

@@ -1,13 +1,6 @@
 """dsc.runtime: what executes compiled rank programs on torch.distributed."""
 
 
-def __getattr__(name: str):
-    """Submodules load on first attribute access (`dsc.runtime.mesh` after `import dsc`)."""
-    import importlib
+from dsc._lazy import submodules
 
-    try:
-        return importlib.import_module(f".{name}", __name__)
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__name__}.{name}":
-            raise
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+__getattr__ = submodules(__name__)  # dsc.<package>.<module> loads on first access
