@@ -22,8 +22,8 @@ Patterns (plan `fusion.patterns`):
 - softmax: softmax over the last dimension with an optional scale and additive mask prologue.
 
 Backward: LayerNorm (without the residual add) and RMSNorm kernels have a generated backward
-kernel (codegen/templates/rownorm_bwd.c.j2: dx and the weight/bias gradients in one pass) when
-autocast is off; every other fused op's gradient recomputes the group's original (unfused) ops
+kernel (codegen/templates/rownorm_bwd.c.j2 and rownorm_bwd.py.j2 for Triton: dx and the
+weight/bias gradients in one pass) when autocast is off; every other fused op's gradient recomputes the group's original (unfused) ops
 from the saved inputs under autograd, so those gradients are eager's by construction. Only the
 inputs are saved.
 
@@ -293,6 +293,11 @@ class Kernel:
         self.sources[dtype] = str(src)
         return str(src)
 
+    def _device(self, t: torch.Tensor) -> str:
+        """The device type this kernel runs on for tensor `t`: Triton takes CUDA tensors (or CPU ones
+        under TRITON_INTERPRET=1), the C backend CPU tensors."""
+        return "cuda" if self.backend == "triton" and t.is_cuda else "cpu"
+
     # -- generated backward (LayerNorm and RMSNorm; other groups recompute their unfused ops) ------
     @property
     def has_backward(self) -> bool:
@@ -319,8 +324,7 @@ class Kernel:
         apply (then the caller recomputes the unfused ops)."""
         x, w, b = (list(xs) + [None, None])[:3]
         dtype = x.dtype
-        device = "cuda" if self.backend == "triton" and x.is_cuda else "cpu"
-        if not self.has_backward or dtype not in cpu.DTYPES or dy.dtype != dtype or x.device.type != device or \
+        if not self.has_backward or dtype not in cpu.DTYPES or dy.dtype != dtype or x.device.type != self._device(x) or \
                 tuple(x.shape) != self.input_shapes[0] or any(t is not None and t.dtype != dtype for t in (w, b)):
             return None
         if dtype not in self._bwd:
@@ -363,7 +367,7 @@ class Kernel:
             xs = self._autocast_inputs(xs)
             tensors = [x for x in xs if x is not None]
         dtype = tensors[0].dtype
-        device = "cuda" if self.backend == "triton" and tensors[0].is_cuda else "cpu"
+        device = self._device(tensors[0])
         usable = (dtype in cpu.DTYPES and all(x.dtype == dtype and x.device.type == device for x in tensors)
                   and [tuple(x.shape) for x in tensors] == [s for s, x in zip(self.input_shapes, xs) if x is not None])
         seeds = [torch.randint(0, 1 << 32, (), dtype=torch.int64, device=tensors[0].device)] if self.seeded else []

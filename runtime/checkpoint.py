@@ -250,12 +250,12 @@ def _whole_shape(shape: list[int], info: dict | None, tp: int) -> tuple[int, ...
     return tuple(out)
 
 
-def read_whole(folder: Path, meta: dict, kinds=None, names=None) -> dict[str, dict[str, torch.Tensor]]:
+def read_whole(folder: Path, meta: dict, kinds=None) -> dict[str, dict[str, torch.Tensor]]:
     """{name: {kind: whole tensor}}: tensor-parallel slices joined, padding dropped. Reads every
     saved piece of those tensors (consolidation, or a change of tensor-parallel size)."""
     tp = meta["tp"]
     kinds = kinds or meta["kinds"]
-    names = names or list(meta["params"])
+    names = list(meta["params"])
     parts = []
     for t in range(tp):
         want = {(n, k): torch.empty(meta["params"][n]["numel"]) for n in names for k in kinds}

@@ -199,7 +199,7 @@ class ZeroEngine:
             return
         if self.layout.stage == 1:
             src = self.flat_grad[b.offset: b.offset + b.padded]
-            dst = self._chunk(self.flat_grad, b)
+            dst = self.grad_chunks[b.index]
         else:
             src = self._bucket_buf.pop(b.index)
             dst = self.grad_chunks[b.index]
