@@ -74,4 +74,7 @@ def shutdown() -> None:
     if dist.is_initialized():
         gc.collect()  # release tensors and work objects that reference gloo while the group lives
         dist.barrier()
+        from dsc.runtime import shm
+
+        shm.reset()
         dist.destroy_process_group()

@@ -44,6 +44,12 @@ class Zero3Engine(ZeroEngine):
         dtype, device = first.dtype, first.device
         self._init_grad_dtype(dtype, grad_dtype)
         self.flat = torch.zeros(layout.shard_numel, dtype=dtype, device=device)  # this rank's shards
+        # ranks on one host keep their shards in shared memory: a gather copies the peers' (dsc.runtime.shm)
+        self.shared = C.shared_memory(group) if device.type == "cpu" and self.world > 1 else None
+        if self.shared is not None:
+            flat = self.shared.share(self.flat)
+            self.shared = None if flat is None else self.shared
+            self.flat = self.flat if flat is None else flat
         self.flat_grad = torch.zeros(layout.shard_numel, dtype=self.grad_dtype, device=device)
         self.grad_chunks = []
         self.shard_params = []
@@ -112,6 +118,11 @@ class Zero3Engine(ZeroEngine):
         the forward gathers, reversed."""
         return [b for b in reversed(self._order) if not self.layout.buckets[b].persistent]
 
+    def _fence(self) -> None:
+        """With shared-memory shards, wait for every rank of the group (see `dsc.runtime.shm`)."""
+        if self.shared is not None:
+            self.shared.fence()
+
     def gathered_bytes(self) -> int:
         """Bytes of whole buckets alive right now (forward gathers, backward re-gathers)."""
         for key in [k for k, (ref, _, _) in self._gathered.items() if ref.expired()]:
@@ -156,6 +167,7 @@ class Zero3Engine(ZeroEngine):
         """Run the graph's forward inside this: saved whole parameters become re-gather tokens,
         and gathers prefetch along the graph's order (`order`: another graph's, e.g. eval's)."""
         C.drop_prefetched()
+        self._fence()  # every rank's shards are written (a step, a checkpoint load) before anyone gathers
         self._order = list(order) if order is not None else self._train_order
         self._phase, self._fwd_pos, self._bwd_pos = "forward", 0, -1
         try:
@@ -183,6 +195,7 @@ class Zero3Engine(ZeroEngine):
         """Reduce-scatter in backward summed over ranks; average like the other stages. (Called
         first thing in step: no prefetched gather may outlive the shards it read.)"""
         C.drop_prefetched()
+        self._fence()  # no rank still gathers the shards this step is about to change
         if self.world > 1:
             self.flat_grad.div_(self.world)
 
@@ -195,6 +208,7 @@ class Zero3Engine(ZeroEngine):
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """Every sharded parameter, whole, under its canonical name (a collective: all ranks call)."""
         out = {}
+        self._fence()
         with torch.no_grad():
             for sp, b in zip(self.shard_params, self.layout.buckets):
                 full = torch.ops.dsc.all_gather(sp.detach(), GROUP, self.world)

@@ -77,6 +77,7 @@ def train(args, model_name: str, rank: int, world: int, dp_rank: int, dp: int) -
         losses = []
         dsc.runtime.collectives.traffic.clear()
         prefetch0 = dict(dsc.runtime.collectives.prefetch_stats)
+        shm0 = dict(dsc.runtime.shm.stats)
         for step in range(args.steps):
             total = torch.zeros(())
             for micro in rank_micro_batches(data, step, gb, dp_rank, dp, args.gas):
@@ -106,6 +107,7 @@ def train(args, model_name: str, rank: int, world: int, dp_rank: int, dp: int) -
                           "padded": sum(b["padded"] for b in buckets), "buckets": len(buckets),
                           "traffic": traffic, "eval_gap": eval_gap,
                           "prefetch": {k: v - prefetch0[k] for k, v in dsc.runtime.collectives.prefetch_stats.items()},
+                          "shm": {k: v - shm0[k] for k, v in dsc.runtime.shm.stats.items()},
                           "kernel_calls": {k: dict(v.calls) for k, v in dsc.passes.fusion.KERNELS.items()}, "collectives": layout["collectives"], "report": report}
         # every rank must hold the same full parameters after the all-gather
         flat = torch.cat([v.reshape(-1).float() for v in state.values()])

@@ -17,9 +17,11 @@ def dsc_cmd() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "dsc"]
 
 
-def dsc_run(nproc: int, script: str | Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Launch `script` on `nproc` gloo ranks with `dsc run`; fail the test with the output on error."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", DSC_TIMEOUT="120", PYTHONWARNINGS="ignore")
+def dsc_run(nproc: int, script: str | Path, *args: str, timeout: float = 300,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Launch `script` on `nproc` gloo ranks with `dsc run` (`env`: more environment variables);
+    fail the test with the output on error."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", DSC_TIMEOUT="120", PYTHONWARNINGS="ignore", **(env or {}))
     proc = subprocess.run([*dsc_cmd(), "run", "--nproc", str(nproc), str(script), *args],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     if proc.returncode != 0:

@@ -69,11 +69,11 @@ def eager_reference(model_name: str, world: int, precision: str = "fp32"):
     return losses, model.state_dict(), norms, noise
 
 
-def run_dsc(tmp_path, model_name: str, world: int, extra=()):
+def run_dsc(tmp_path, model_name: str, world: int, extra=(), env=None):
     out = tmp_path / f"{model_name}_{world}_{len(extra)}.pt"
     dsc_run(world, TESTS / "dist_worker.py", "--model", model_name, "--stages", "0,1,2,3", "--steps", str(STEPS),
             "--micro", str(MICRO), "--gas", str(GAS), "--lr", str(LR), "--clip", str(CLIP), "--out", str(out),
-            *extra)
+            *extra, env=env)
     return torch.load(out, weights_only=False)
 
 
@@ -107,6 +107,9 @@ def test_zero_stages_match_eager(tmp_path_factory, model_name, world):
                                    msg=lambda m: f"ZeRO-{stage} losses: {m}")
         assert_params_close(res["state"], ref_state, noise, f"ZeRO-{stage} ws={world} {model_name}")
         assert_memory_is_analytic(res, stage, world)
+        if world > 1:  # ranks on one host: ZeRO-3 gathers copy from shared memory, reduce-scatters stage there
+            assert (res["shm"]["gather"] > 0) == (stage == 3), (stage, res["shm"])
+            assert (res["shm"]["reduce_scatter"] > 0) == (stage >= 1), (stage, res["shm"])
         # eval mode runs its own graph (ZeRO-3: with its own gathers) on the same weights
         assert res["eval_gap"] <= 1e-6 * abs(res["losses"][-1]), (stage, res["eval_gap"])
 
@@ -137,7 +140,9 @@ def assert_memory_is_analytic(res: dict, stage: int, world: int, gathered: bool 
 
 
 COMM_OPTIONS = {
-    "overlap_comm": ("--overlap",),
+    # without shared memory (DSC_SHM=0): collectives are gloo point-to-point messages, and ZeRO-3's
+    # gathers can be prefetched (a copy from shared memory has nothing to start early)
+    "overlap_comm_messages": ("--overlap",),
     "all_reduce_small_allgather": ("--all-reduce", "--allgather-bucket", "1000"),
     "max_live_one_bucket": ("--overlap", "--max-live", "1000"),  # ZeRO-3: one whole bucket, no prefetch
 }
@@ -146,11 +151,13 @@ COMM_OPTIONS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("option", list(COMM_OPTIONS))
 def test_communication_options_match_eager(tmp_path, option):
-    """overlap_comm (async bucket collectives; ZeRO-3 prefetches the next gather in forward and
-    backward), reduce_scatter=false and a small allgather bucket, and a ZeRO-3 max_live_parameters
-    below one bucket (one whole bucket at a time, so no prefetch despite overlap_comm)."""
+    """overlap_comm over gloo messages (async bucket collectives; ZeRO-3 prefetches the next gather
+    in forward and backward), reduce_scatter=false and a small allgather bucket, and a ZeRO-3
+    max_live_parameters below one bucket (one whole bucket at a time, so no prefetch despite
+    overlap_comm)."""
     ref_losses, ref_state, _, noise = eager_reference("gpt", 2)
-    results = run_dsc(tmp_path, "gpt", 2, extra=COMM_OPTIONS[option])
+    messages = option.endswith("_messages")
+    results = run_dsc(tmp_path, "gpt", 2, extra=COMM_OPTIONS[option], env={"DSC_SHM": "0"} if messages else None)
     for stage, res in results.items():
         torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
         assert_params_close(res["state"], ref_state, noise, f"ZeRO-{stage} {option}")
@@ -160,7 +167,9 @@ def test_communication_options_match_eager(tmp_path, option):
         # tests/test_zero3.py checks that bound on one rank)
         assert_memory_is_analytic(res, stage, 2, gathered=option != "max_live_one_bucket")
         pf = res["prefetch"]
-        if option == "overlap_comm" and stage == 3:
+        if messages:
+            assert res["shm"] == {"gather": 0, "reduce_scatter": 0, "fence": 0}, res["shm"]
+        if option == "overlap_comm_messages" and stage == 3:
             # 5 steps x 2 micro-batches; forward and backward each prefetch along their order
             assert pf["used"] >= 10 * 2 and pf["started"] == pf["used"] + pf["dropped"], pf
         else:

@@ -1,0 +1,218 @@
+"""Shared memory between the ranks of a gloo group that run on one host.
+
+Gloo moves every byte through TCP sockets, even between processes on one machine: the sender's
+kernel copies the data in, the receiver's copies it out, and both sides pay system calls and
+thread hand-offs. For ranks on one host, dsc instead maps the same pages into every rank
+(files in /dev/shm, unlinked as soon as all ranks have mapped them, so nothing outlives the job):
+
+- `SharedGroup.share(t)` moves a tensor into a region every rank of the group can read. ZeRO-3
+  keeps its parameter shards there, and a gather becomes a memcpy from each peer's region
+  (`gather`): no message at all. The owner of a region must fence (`fence()`, a barrier of the
+  group) between writing it and peers reading it, in both directions: ZeRO-3 fences when a step
+  begins (no peer still reads the old shards) and when a forward begins (every peer's new shards
+  are written).
+- `reduce_scatter` stages the chunks the other ranks sum in this rank's part of a double-buffered
+  staging region, waits for the group at a barrier, and sums its own chunk from every rank's staging in
+  rank order 0..w-1 (every rank sums in the same order: runs repeat exactly). Two staging buffers
+  alternate, so the barrier of one call also proves that every rank finished reading the buffer
+  the call after next overwrites.
+
+Measured on the 2-core CPU machine, 2 ranks, 8 MB: gather 1.4-1.9 ms (gloo point-to-point
+2.8 ms, gloo all_gather_into_tensor 4.7 ms); reduce-scatter 4.1-4.3 ms (point-to-point 3.7-10 ms,
+gloo's 9.5 ms). Both ranks copy at once: the machine's memory bandwidth is the limit. It is used when every rank of the group has the same host
+name and boot id, the group is gloo, /dev/shm has room, and `DSC_SHM` is not "0"; otherwise
+`for_group` returns None and the collectives use gloo.
+
+Memory: a rank's shared region replaces the private tensor it came from, so a rank holds what it
+held before. Pages of the peers' regions that a rank reads count in that rank's RSS too (as
+shared pages): RSS sums over ranks count them more than once.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+SHM_DIR = Path("/dev/shm")
+_groups: dict[str, "SharedGroup | None"] = {}  # group name -> its shared memory (None: not possible)
+stats = {"gather": 0, "reduce_scatter": 0, "fence": 0}  # in this process (tests read it)
+
+
+def enabled() -> bool:
+    return os.environ.get("DSC_SHM", "1") != "0"
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def for_group(group) -> "SharedGroup | None":
+    """This process group's shared memory, or None where ranks cannot share it. The first call
+    for a group is a collective of that group: every rank of it must make it (dsc makes it when
+    an engine starts, and from collectives every rank runs)."""
+    name = group.group_name
+    if name in _groups:
+        return _groups[name]
+    shared = None
+    if enabled() and dist.get_backend(group) == "gloo" and dist.get_world_size(group) > 1:
+        me = (socket.gethostname(), _boot_id(), SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK), uuid.uuid4().hex[:16])
+        every = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every, me, group=group)
+        if all(e[:2] == me[:2] and e[2] for e in every):
+            shared = SharedGroup(group, every[0][3])
+    _groups[name] = shared
+    return shared
+
+
+def reset() -> None:
+    """Forget every group's shared memory (the process group is being destroyed)."""
+    _groups.clear()
+
+
+def _all(group, ok: bool) -> bool:
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
+    dist.all_reduce(flag, group=group)
+    return int(flag) == 0
+
+
+class SharedGroup:
+    """Regions of shared memory over one group of same-host ranks (see the module docstring)."""
+
+    def __init__(self, group, token: str):
+        self.group, self.token = group, token
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self._serial = 0
+        self._regions: list[tuple[int, int, list[torch.Tensor]]] = []  # (start ptr, nbytes, views of every rank)
+        self._staging: list[list[torch.Tensor]] = []  # 2 x [every rank's staging buffer (bytes)]
+        self._turn = 0
+        self._no_staging = False
+
+    # -- regions ------------------------------------------------------------------------------------
+    def _map(self, nbytes: int) -> list[torch.Tensor] | None:
+        """A new region of `nbytes` per rank: every rank's, mapped into this process (a collective).
+        None (on every rank) when some rank could not reserve the bytes in /dev/shm."""
+        self._serial += 1
+        path = lambda r: SHM_DIR / f"dsc-{self.token}-{self._serial}-{r}"  # noqa: E731
+        mine = path(self.rank)
+        ok = True
+        try:
+            fd = os.open(mine, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, max(nbytes, 1))  # reserve now: tmpfs would SIGBUS on a full disk later
+            finally:
+                os.close(fd)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.ENOMEM, errno.EACCES, errno.EEXIST, errno.EROFS):
+                raise
+            ok = False
+        if not _all(self.group, ok):
+            mine.unlink(missing_ok=True)
+            return None
+        try:
+            views = [torch.from_file(str(path(r)), shared=True, size=max(nbytes, 1), dtype=torch.uint8)[:nbytes]
+                     for r in range(self.world)]
+        finally:
+            dist.barrier(group=self.group)  # every rank has mapped every file: the names can go
+            mine.unlink(missing_ok=True)
+        return views
+
+    def share(self, t: torch.Tensor) -> torch.Tensor | None:
+        """A copy of the contiguous CPU tensor `t` in this rank's part of a new region, visible to
+        every rank when this returns, or None when
+        /dev/shm has no room on some rank (a collective: every rank shares a tensor of the same
+        size, in the same order)."""
+        nbytes = t.numel() * t.element_size()
+        views = self._map(nbytes)
+        if views is None:
+            return None
+        out = views[self.rank].view(t.dtype).view(t.shape)
+        out.copy_(t)
+        self._regions.append((views[self.rank].data_ptr(), nbytes, views))
+        self.fence()  # every rank's copy is in place
+        return out
+
+    def locate(self, x: torch.Tensor) -> tuple[int, int] | None:
+        """(region, byte offset) of the contiguous `x` inside this rank's part of a region."""
+        if x.device.type != "cpu" or not x.is_contiguous():
+            return None
+        ptr, n = x.data_ptr(), x.numel() * x.element_size()
+        for i, (start, nbytes, _) in enumerate(self._regions):
+            if start <= ptr and ptr + n <= start + nbytes:
+                return i, ptr - start
+        return None
+
+    def fence(self) -> None:
+        """A barrier of the group: writes to shared regions before it are seen by reads after it."""
+        stats["fence"] += 1
+        dist.barrier(group=self.group)
+
+    # -- collectives --------------------------------------------------------------------------------
+    def gather(self, out: torch.Tensor, x: torch.Tensor) -> bool:
+        """Concatenate every rank's part of `x` (which lies in a region, at the same offset on every
+        rank) into `out`, in rank order, by copying. False (nothing done) when `x` is not shared.
+        No messages: the caller's fences keep the regions stable."""
+        where = self.locate(x)
+        if where is None or out.numel() != x.numel() * self.world or out.dtype != x.dtype:
+            return False
+        region, offset = where
+        nbytes = x.numel() * x.element_size()
+        views = self._regions[region][2]
+        parts = out.reshape(-1).chunk(self.world)
+        for r in range(self.world):
+            src = x.reshape(-1) if r == self.rank else views[r][offset: offset + nbytes].view(x.dtype)
+            parts[r].copy_(src)
+        stats["gather"] += 1
+        return True
+
+    def reduce_scatter(self, out: torch.Tensor, t: torch.Tensor) -> bool:
+        """Sum the flat `t` over the group; this rank keeps chunk `rank` in `out`. False when
+        staging is impossible (no room in /dev/shm; the same answer on every rank)."""
+        if t.device.type != "cpu" or out.dtype != t.dtype or t.numel() != out.numel() * self.world \
+                or self._no_staging:
+            return False
+        nbytes = t.numel() * t.element_size()
+        if not self._staging or self._staging[0][0].numel() < nbytes:
+            if not self._grow(nbytes):
+                return False
+        stage = self._staging[self._turn]
+        self._turn ^= 1
+        chunks = t.reshape(-1).chunk(self.world)
+        mine = stage[self.rank][:nbytes].view(t.dtype).chunk(self.world)
+        for r in range(self.world):  # the chunks the others sum (this rank's own is read from `t`)
+            if r != self.rank:
+                mine[r].copy_(chunks[r])
+        self.fence()
+        n = out.numel() * t.element_size()
+        lo, hi = self.rank * n, (self.rank + 1) * n
+        parts = [chunks[r] if r == self.rank else stage[r][lo:hi].view(t.dtype) for r in range(self.world)]
+        flat = out.reshape(-1)
+        torch.add(parts[0], parts[1], out=flat)
+        for p in parts[2:]:
+            flat.add_(p)
+        stats["reduce_scatter"] += 1
+        return True
+
+    def _grow(self, nbytes: int) -> bool:
+        """Staging for tensors of up to `nbytes` (rounded up to 1 MiB), replacing smaller staging.
+        Every rank grows at the same call (the collectives run in the same order everywhere)."""
+        nbytes = -(-nbytes // (1 << 20)) << 20
+        if self._staging:
+            self.fence()  # no rank still reads the old staging
+        staging = []
+        for _ in range(2):
+            views = self._map(nbytes)
+            if views is None:
+                self._staging, self._no_staging = [], True  # do not try again
+                return False
+            staging.append(views)
+        self._staging, self._turn = staging, 0
+        return True
