@@ -7,8 +7,9 @@ torch.compile's default mode (Inductor, C++ backend on CPU), and dsc (`dsc.compi
 calls as it does without autograd, "dsc_fresh" allocates a new one per call as eager and Inductor
 do -- on CPU a fresh buffer of 32 MiB or more costs page faults comparable to the kernel itself); achieved bandwidth = the bytes an
 ideal fused kernel must read and write / time, also as a fraction of this machine's copy bandwidth
-(measured here: `dst.copy_(src)` on the same number of bytes). Calls of the three contenders are
-interleaved, so load from other processes hits them alike; compare ratios within a run.
+(measured here: `dst.copy_(src)` on the same number of bytes). The contenders take turns in rounds
+of 4 calls each (`--run-length`), so load from other processes hits them alike; compare ratios within a
+run.
 
 Then a whole transformer block (the example GPT's Block, or a transformers Llama decoder layer with
 --block llama) forward + backward: eager vs torch.compile vs dsc with fusion.
@@ -130,14 +131,24 @@ def median_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def interleaved(fns: dict, reps: int) -> dict:
-    """Median seconds per contender, calls interleaved round-robin."""
+BLOCK = 4  # CPU: calls of one contender in a row, per round
+
+
+def interleaved(fns: dict, reps: int, block: int | None = None) -> dict:
+    """Median seconds per call for each contender. Rounds go round-robin over the contenders, so load
+    from other processes hits them alike; within a round each contender makes `block` calls in a
+    row. On this CPU the first call after another contender's is up to 1.5 ms slower (the same
+    happens to `dst.copy_(src)` after an unrelated torch op that allocates its output), so with
+    block 1 every contender would be timed in that state; the median of blocks of 4 is the steady
+    state, as `copy_bandwidth` measures the copy."""
+    block = BLOCK if block is None else block
     times = {k: [] for k in fns}
-    for _ in range(reps):
+    for _ in range(max(1, reps // block)):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -246,9 +257,11 @@ def bench_pattern(name, rows, cols, dtype, reps):
             if all(math.isnan(v) for v in t.values()):
                 t = calls
             extra = {f"{k}_call_s": v for k, v in calls.items()}
-        else:
-            t = interleaved({**fns, "dsc_fresh": fresh}, reps)
-            extra = {}
+        else:  # a copy of one output's bytes takes its turns in the same rounds: "% of copy" in like conditions
+            src, dst = torch.randn(rows, cols).to(dtype), torch.empty(rows, cols, dtype=dtype)
+            t = interleaved({**fns, "dsc_fresh": fresh, "copy": lambda: dst.copy_(src)}, reps)
+            copy_rate = 2 * src.numel() * src.element_size() / t.pop("copy")
+            extra = {"copy_GBps": copy_rate / 1e9}
     return {"pattern": name, "shape": f"{rows}x{cols}", "dtype": str(dtype).replace("torch.", ""),
             "bytes": ideal, "kernels": kernels, "max_abs_err_vs_eager": err, **extra,
             **{f"{k}_s": v for k, v in t.items()}, **{f"{k}_GBps": ideal / v / 1e9 for k, v in t.items()}}
@@ -351,10 +364,12 @@ def main() -> int:
     p.add_argument("--block-seq", type=int, default=256)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: Triton kernels on the GPU, timed in CUDA graphs (GPU time) and per call")
+    p.add_argument("--run-length", type=int, default=4,
+                   help="CPU: calls of one contender in a row within each round (1: strictly interleaved)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    global DEVICE
-    DEVICE = args.device
+    global DEVICE, BLOCK
+    DEVICE, BLOCK = args.device, args.run_length
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
@@ -367,14 +382,16 @@ def main() -> int:
                 rows.append(res)
                 print(json.dumps(res) if args.json else
                       f"{name:<15} {res['shape']:>9} {res['dtype']:<8} "
-                      + "  ".join(f"{k} {res[k + '_GBps']:5.1f} GB/s ({res[k + '_GBps'] * 1e9 / copy:4.0%})"
+                      + "  ".join(f"{k} {res[k + '_GBps']:5.1f} GB/s ({res[k + '_GBps'] / res.get('copy_GBps', copy / 1e9):4.0%})"
                                   for k in ("eager", "inductor", "dsc", "dsc_fresh") if k + "_GBps" in res)
                       + ("  per call (us) " + "/".join(f"{res[k + '_call_s'] * 1e6:.0f}"
                                                         for k in ("eager", "inductor", "dsc"))
                          if "dsc_call_s" in res else "")
+                      + (f"  copy {res['copy_GBps']:5.1f} GB/s" if "copy_GBps" in res else "")
                       + f"  dsc/eager {res['eager_s'] / res['dsc_s']:.2f}x  dsc/inductor "
                         f"{res['inductor_s'] / res['dsc_s']:.2f}x  err {res['max_abs_err_vs_eager']:.1e}", flush=True)
-    print(f"copy bandwidth (read + write): {copy / 1e9:.1f} GB/s, "
+    print(f"copy bandwidth (read + write), alone: {copy / 1e9:.1f} GB/s"
+          + (" (the % columns use the copy timed in each pattern's rounds)" if DEVICE == "cpu" else "") + ", "
           + (torch.cuda.get_device_name() if DEVICE == "cuda" else f"{args.threads} threads"))
     for dt in args.dtypes.split(","):
         for name in [n for n in ("layernorm", "rmsnorm") if n in args.patterns.split(",")]:

@@ -18,7 +18,7 @@ import torch
 from . import cache
 
 TEMPLATES = Path(__file__).with_name("templates")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC",
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC",
          "-std=gnu11"]
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -35,8 +35,14 @@ def available() -> tuple[bool, str]:
     return (True, cc) if cc else (False, "no C compiler (cc/gcc/clang) on PATH")
 
 
+def nt_bytes() -> int:
+    """Outputs of at least this many bytes are written with streaming stores (common.h.j2);
+    `DSC_NT_BYTES` overrides the default of 8 MiB (tests set 0 to take that path at small sizes)."""
+    return int(os.environ.get("DSC_NT_BYTES", 8 << 20))
+
+
 def render(template: str, **params) -> str:
-    return _env.get_template(template).render(**params)
+    return _env.get_template(template).render(nt_bytes=nt_bytes(), **params)
 
 
 def template_sources() -> str:
