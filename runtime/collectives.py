@@ -158,14 +158,15 @@ def _reduce_scatter(out: torch.Tensor, t: torch.Tensor, group=None, async_op: bo
 
 
 def _all_gather(out: torch.Tensor, t: torch.Tensor, group=None, async_op: bool = False):
-    """all_gather_into_tensor. On gloo: a copy from the peers' shared memory when `t` lies in a
-    shared region (`dsc.runtime.shm`, ZeRO-3's shards; done when it returns), else direct
+    """all_gather_into_tensor. On gloo ranks that share a host (`dsc.runtime.shm`): a copy from the
+    peers' shared memory when `t` lies in a shared region (ZeRO-3's shards), or, when the caller
+    waits, through shared staging; both are done when this returns. Otherwise direct
     point-to-point messages (`_direct_all_gather`), asynchronous or not."""
     group = group if group is not None else dist.group.WORLD
     if not _p2p(group) or out.numel() != t.numel() * dist.get_world_size(group):
         return _native_all_gather(out, t, group=group, async_op=async_op)
     shared = shared_memory(group)
-    if shared is not None and shared.gather(out, t):
+    if shared is not None and (shared.gather(out, t) or not async_op and shared.gather_staged(out, t)):
         return None
     work = _direct_all_gather(out, t, group)
     if async_op:

@@ -11,6 +11,8 @@ thread hand-offs. For ranks on one host, dsc instead maps the same pages into ev
   group) between writing it and peers reading it, in both directions: ZeRO-3 fences when a step
   begins (no peer still reads the old shards) and when a forward begins (every peer's new shards
   are written).
+- `gather_staged` gathers a tensor that is not in a region (ZeRO-3's low-precision casts of its
+  shards) the same way: stage, barrier, copy.
 - `reduce_scatter` stages the chunks the other ranks sum in this rank's part of a double-buffered
   staging region, waits for the group at a barrier, and sums its own chunk from every rank's staging in
   rank order 0..w-1 (every rank sums in the same order: runs repeat exactly). Two staging buffers
@@ -40,8 +42,8 @@ import torch
 import torch.distributed as dist
 
 SHM_DIR = Path("/dev/shm")
-_groups: dict[str, "SharedGroup | None"] = {}  # group name -> its shared memory (None: not possible)
-stats = {"gather": 0, "reduce_scatter": 0, "fence": 0}  # in this process (tests read it)
+_groups: dict[tuple, "SharedGroup | None"] = {}  # (group name, id) -> its shared memory (None: not possible)
+stats = {"gather": 0, "gather_staged": 0, "reduce_scatter": 0, "fence": 0}  # in this process (tests read it)
 
 
 def enabled() -> bool:
@@ -59,7 +61,7 @@ def for_group(group) -> "SharedGroup | None":
     """This process group's shared memory, or None where ranks cannot share it. The first call
     for a group is a collective of that group: every rank of it must make it (dsc makes it when
     an engine starts, and from collectives every rank runs)."""
-    name = group.group_name
+    name = (group.group_name, id(group))  # a group destroyed and created again under the same name is new
     if name in _groups:
         return _groups[name]
     shared = None
@@ -171,6 +173,28 @@ class SharedGroup:
             src = x.reshape(-1) if r == self.rank else views[r][offset: offset + nbytes].view(x.dtype)
             parts[r].copy_(src)
         stats["gather"] += 1
+        return True
+
+    def gather_staged(self, out: torch.Tensor, x: torch.Tensor) -> bool:
+        """Gather a private tensor (not in a region: ZeRO-3's bf16/fp16 casts of its shards) by
+        staging it, meeting the group at a barrier and copying every rank's staged part into
+        `out`. A collective; False (on every rank) where staging is impossible."""
+        if x.device.type != "cpu" or out.dtype != x.dtype or out.numel() != x.numel() * self.world \
+                or self._no_staging:
+            return False
+        nbytes = x.numel() * x.element_size()
+        if not self._staging or self._staging[0][0].numel() < nbytes:
+            if not self._grow(nbytes):
+                return False
+        stage = self._staging[self._turn]
+        self._turn ^= 1
+        flat = x.reshape(-1)
+        stage[self.rank][:nbytes].view(x.dtype).copy_(flat)
+        self.fence()
+        parts = out.reshape(-1).chunk(self.world)
+        for r in range(self.world):
+            parts[r].copy_(flat if r == self.rank else stage[r][:nbytes].view(x.dtype))
+        stats["gather_staged"] += 1
         return True
 
     def reduce_scatter(self, out: torch.Tensor, t: torch.Tensor) -> bool:

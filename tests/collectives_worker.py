@@ -52,8 +52,9 @@ def reduce_scatter_and_gather(stats: dict) -> None:
     dist.all_reduce(ref)
     torch.testing.assert_close(ring, ref[rank * 1000:(rank + 1) * 1000], rtol=1e-6, atol=1e-6)
 
-    # gathers of private tensors are point-to-point messages, synchronous or not (ZeRO-3 prefetch)
-    before_gather = C.p2p_stats["all_gather"]
+    # gathers of private tensors: staged in shared memory when the caller waits, else point-to-point
+    # messages (asynchronous: ZeRO-3 prefetch, ZeRO-1/2 after the step)
+    before_gather, staged = C.p2p_stats["all_gather"], shm.stats["gather_staged"]
     full = torch.empty(7 * world)
     C.all_gather_(full, torch.arange(7.0) + 100 * rank, dist.group.WORLD, world)
     assert torch.equal(full, torch.cat([torch.arange(7.0) + 100 * r for r in range(world)])), full
@@ -62,7 +63,9 @@ def reduce_scatter_and_gather(stats: dict) -> None:
     if work is not None:
         work.wait()
     assert torch.equal(full2, torch.arange(float(world)).repeat_interleave(7)), full2
-    assert C.p2p_stats["all_gather"] == before_gather + 2 * (world > 1)
+    via_shm = stats is shm.stats and world > 1
+    assert C.p2p_stats["all_gather"] == before_gather + (world > 1) * (1 if via_shm else 2)
+    assert shm.stats["gather_staged"] == staged + via_shm
     if rank % 2 == 0 and world > 2:
         k = world // 2
         sub = torch.empty(2 * k)
