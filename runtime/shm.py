@@ -14,16 +14,19 @@ thread hand-offs. For ranks on one host, dsc instead maps the same pages into ev
 - `gather_staged` gathers a tensor that is not in a region (ZeRO-3's low-precision casts of its
   shards) the same way: stage, barrier, copy.
 - `reduce_scatter` stages the chunks the other ranks sum in this rank's part of a double-buffered
-  staging region, waits for the group at a barrier, and sums its own chunk from every rank's staging in
-  rank order 0..w-1 (every rank sums in the same order: runs repeat exactly). Two staging buffers
-  alternate, so the barrier of one call also proves that every rank finished reading the buffer
-  the call after next overwrites.
+  staging region, waits for the group at a barrier, and sums its own chunk from every rank's
+  staging in rank order 0..w-1 (every rank sums in the same order: runs repeat exactly). Staged
+  calls alternate between two buffers, so the barrier of one call also proves that every rank
+  finished reading the buffer the call after next overwrites.
 
-Measured on the 2-core CPU machine, 2 ranks, 8 MB: gather 1.4-1.9 ms (gloo point-to-point
-2.8 ms, gloo all_gather_into_tensor 4.7 ms); reduce-scatter 4.1-4.3 ms (point-to-point 3.7-10 ms,
-gloo's 9.5 ms). Both ranks copy at once: the machine's memory bandwidth is the limit. It is used when every rank of the group has the same host
-name and boot id, the group is gloo, /dev/shm has room, and `DSC_SHM` is not "0"; otherwise
-`for_group` returns None and the collectives use gloo.
+Measured on the 2-core CPU machine, 2 ranks, 8 MB: gather from a region 0.7-1.9 ms, staged
+2.6 ms (gloo point-to-point 2.8-3.0 ms, gloo all_gather_into_tensor 4.7-6.7 ms); 4 MB of bf16
+staged 0.9 ms (point-to-point 1.9 ms); reduce-scatter 4.1-4.3 ms (point-to-point 3.7-10 ms,
+gloo's 9.5 ms). Both ranks copy at once: the machine's memory bandwidth is the limit.
+
+It is used when every rank of the group has the same host name and boot id, the group is gloo,
+/dev/shm has room, and `DSC_SHM` is not "0"; otherwise `for_group` returns None and the
+collectives use gloo.
 
 Memory: a rank's shared region replaces the private tensor it came from, so a rank holds what it
 held before. Pages of the peers' regions that a rank reads count in that rank's RSS too (as
