@@ -132,7 +132,6 @@ def shared_memory(group=None):
     return shm.for_group(group)
 
 
-
 def _reduce_scatter(out: torch.Tensor, t: torch.Tensor, group=None, async_op: bool = False):
     """reduce_scatter_tensor. On gloo: through shared memory when the ranks share a host
     (`dsc.runtime.shm`; done when it returns, even if `async_op`), else by point-to-point messages
@@ -197,7 +196,9 @@ def all_reduce(x: torch.Tensor, group: str, world: int, op: str = "sum") -> torc
     """Reduce `x` over the group; every rank gets the result."""
     out = x.clone()
     if world > 1:
-        dist.all_reduce(out, op=_OPS[op], group=_group(group))
+        shared = shared_memory(_group(group)) if op == "sum" else None
+        if shared is None or not shared.all_reduce(out):
+            dist.all_reduce(out, op=_OPS[op], group=_group(group))
     return out
 
 
@@ -327,8 +328,12 @@ all_reduce.register_autograd(_all_reduce_backward, setup_context=lambda ctx, inp
 
 
 def all_reduce_(t: torch.Tensor, group, world: int, async_op: bool = False):
-    """Sum `t` in place over the group. Returns a work handle when `async_op`."""
+    """Sum `t` in place over the group. Returns a work handle when `async_op`; None when done (always
+    through shared memory, `dsc.runtime.shm`, on gloo ranks that share a host)."""
     if world == 1:
+        return None
+    shared = shared_memory(group)
+    if shared is not None and shared.all_reduce(t):
         return None
     return dist.all_reduce(t, group=group, async_op=async_op)
 

@@ -13,6 +13,10 @@ thread hand-offs. For ranks on one host, dsc instead maps the same pages into ev
   are written).
 - `gather_staged` gathers a tensor that is not in a region (ZeRO-3's low-precision casts of its
   shards) the same way: stage, barrier, copy.
+- `all_reduce` stages the whole tensor, sums this rank's piece of every rank's staging, and after a
+  second barrier copies the other ranks' summed pieces.
+- ZeRO-1/2 keep their flat parameter buffer in a region too: after a step each rank copies the
+  chunks the others updated from their buffers (`gather_in_place`).
 - `reduce_scatter` stages the chunks the other ranks sum in this rank's part of a double-buffered
   staging region, waits for the group at a barrier, and sums its own chunk from every rank's
   staging in rank order 0..w-1 (every rank sums in the same order: runs repeat exactly). Staged
@@ -46,7 +50,7 @@ import torch.distributed as dist
 
 SHM_DIR = Path("/dev/shm")
 _groups: dict[tuple, "SharedGroup | None"] = {}  # (group name, id) -> its shared memory (None: not possible)
-stats = {"gather": 0, "gather_staged": 0, "reduce_scatter": 0, "fence": 0}  # in this process (tests read it)
+stats = {"gather": 0, "gather_staged": 0, "reduce_scatter": 0, "all_reduce": 0, "fence": 0}  # in this process (tests read it)
 
 
 def enabled() -> bool:
@@ -176,6 +180,52 @@ class SharedGroup:
             src = x.reshape(-1) if r == self.rank else views[r][offset: offset + nbytes].view(x.dtype)
             parts[r].copy_(src)
         stats["gather"] += 1
+        return True
+
+    def gather_in_place(self, x: torch.Tensor) -> None:
+        """`x` is the same range of every rank's region, and rank j owns the j-th of `world` equal
+        pieces of it (ZeRO-1/2's flat buffer after a step): copy every other rank's piece from its
+        region into this rank's `x`. No messages: the caller fences before and after."""
+        region, offset = self.locate(x)
+        views = self._regions[region][2]
+        n = x.numel() // self.world
+        nbytes = n * x.element_size()
+        flat = x.reshape(-1)
+        for r in range(self.world):
+            if r != self.rank:
+                lo = offset + r * nbytes
+                flat[r * n:(r + 1) * n].copy_(views[r][lo: lo + nbytes].view(x.dtype))
+        stats["gather"] += 1
+
+    def all_reduce(self, t: torch.Tensor) -> bool:
+        """Sum the contiguous CPU tensor `t` over the group, in place: every rank stages `t`, sums
+        its own piece of every rank's staging in rank order (a reduce-scatter), and after a second
+        barrier copies the others' summed pieces (an all-gather). Each rank reads about 2x `t`,
+        whatever the world size. False (on every rank) where staging is impossible."""
+        if t.device.type != "cpu" or not t.is_contiguous() or self._no_staging:
+            return False
+        nbytes = t.numel() * t.element_size()
+        if not self._staging or self._staging[0][0].numel() < nbytes:
+            if not self._grow(nbytes):
+                return False
+        stage = self._staging[self._turn]
+        self._turn ^= 1
+        staged = [stage[r][:nbytes].view(t.dtype) for r in range(self.world)]
+        flat = t.reshape(-1)
+        staged[self.rank].copy_(flat)
+        self.fence()
+        pieces = [x.tensor_split(self.world) for x in staged]
+        mine = flat.tensor_split(self.world)[self.rank]
+        own = [p[self.rank] for p in pieces]
+        torch.add(own[0], own[1], out=mine)
+        for p in own[2:]:
+            mine.add_(p)
+        pieces[self.rank][self.rank].copy_(mine)  # others read only their own pieces of this buffer so far
+        self.fence()
+        for r, part in enumerate(flat.tensor_split(self.world)):
+            if r != self.rank:
+                part.copy_(pieces[r][r])
+        stats["all_reduce"] += 1
         return True
 
     def gather_staged(self, out: torch.Tensor, x: torch.Tensor) -> bool:

@@ -59,6 +59,8 @@ class ZeroEngine:
         self._init_grad_dtype(dtype, grad_dtype)
         gdt = self.grad_dtype
         self.flat = torch.zeros(layout.padded, dtype=dtype, device=device)
+        if layout.stage >= 1:  # ranks on one host: the after-step gather copies from the peers' flat buffers
+            self._share_flat()
         self.params = params
         for b in layout.buckets:
             for s in b.slots:
@@ -122,6 +124,7 @@ class ZeroEngine:
         self.scaler = StaticLossScaler(1.0)  # replaced by the runtime for fp16
         self.skipped_steps = 0
         self.tp, self.tp_group, self._tp_ranges, self.tp_layout, self.tp_rank = 1, None, {}, {}, 0
+        self.shared = None  # shared memory holding the parameters (see _share_flat)
 
     def forward_context(self):
         """Context the compiled graph's forward runs in (stage 3 installs saved-tensor hooks)."""
@@ -129,6 +132,24 @@ class ZeroEngine:
 
     def _average(self) -> None:
         """Stages 0-2 average as each bucket's reduction finishes; stage 3 overrides this."""
+
+    # -- shared memory (dsc.runtime.shm) ----------------------------------------------------------
+    def _share_flat(self) -> None:
+        """Move the flat parameter buffer into shared memory when the group's ranks share a host
+        (gloo on CPU): rank r then reads the parts other ranks own straight from their buffers."""
+        self.shared = None
+        if self.flat.device.type != "cpu" or self.world == 1:
+            return
+        shared = C.shared_memory(self.group)
+        flat = shared.share(self.flat) if shared is not None else None
+        if flat is not None:
+            self.shared, self.flat = shared, flat
+
+    def _fence(self) -> None:
+        """With a shared flat buffer, wait for every rank of the group: what ranks wrote to their
+        own parts before it is what the others read after it."""
+        if self.shared is not None:
+            self.shared.fence()
 
     # -- layout helpers ---------------------------------------------------------------------------
     def _slot(self, flat: torch.Tensor, b: Bucket, offset: int, numel: int) -> torch.Tensor:
@@ -274,6 +295,7 @@ class ZeroEngine:
             return False
         if self.optimizer is None:
             raise RuntimeError("this model was compiled without an optimizer (plan has no 'optimizer')")
+        self._fence()  # no rank still reads the parameters this step is about to change
         self._average()
         scale = self.scaler.cur_scale
         if scale != 1.0 and not self.split_grads:
@@ -316,7 +338,13 @@ class ZeroEngine:
         return True
 
     def _gather_params(self) -> None:
-        """All-gather every bucket's updated chunks, at most allgather_bucket_size elements in flight."""
+        """All-gather every bucket's updated chunks, at most allgather_bucket_size elements in flight.
+        With a shared flat buffer: once every rank has stepped, copy each peer's chunks from its buffer."""
+        if self.shared is not None:
+            self._fence()
+            for b in self.layout.buckets:
+                self.shared.gather_in_place(self.flat[b.offset: b.offset + b.padded])
+            return
         in_flight: list = []
         elements = 0
         for sp, b in zip(self.shard_params, self.layout.buckets):

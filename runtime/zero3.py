@@ -44,12 +44,7 @@ class Zero3Engine(ZeroEngine):
         dtype, device = first.dtype, first.device
         self._init_grad_dtype(dtype, grad_dtype)
         self.flat = torch.zeros(layout.shard_numel, dtype=dtype, device=device)  # this rank's shards
-        # ranks on one host keep their shards in shared memory: a gather copies the peers' (dsc.runtime.shm)
-        self.shared = C.shared_memory(group) if device.type == "cpu" and self.world > 1 else None
-        if self.shared is not None:
-            flat = self.shared.share(self.flat)
-            self.shared = None if flat is None else self.shared
-            self.flat = self.flat if flat is None else flat
+        self._share_flat()  # ranks on one host keep their shards in shared memory: a gather copies the peers'
         self.flat_grad = torch.zeros(layout.shard_numel, dtype=self.grad_dtype, device=device)
         self.grad_chunks = []
         self.shard_params = []
@@ -117,11 +112,6 @@ class Zero3Engine(ZeroEngine):
         """Backward unpacks saved tensors in reverse order of use: the non-persistent buckets of
         the forward gathers, reversed."""
         return [b for b in reversed(self._order) if not self.layout.buckets[b].persistent]
-
-    def _fence(self) -> None:
-        """With shared-memory shards, wait for every rank of the group (see `dsc.runtime.shm`)."""
-        if self.shared is not None:
-            self.shared.fence()
 
     def gathered_bytes(self) -> int:
         """Bytes of whole buckets alive right now (forward gathers, backward re-gathers)."""
@@ -195,7 +185,6 @@ class Zero3Engine(ZeroEngine):
         """Reduce-scatter in backward summed over ranks; average like the other stages. (Called
         first thing in step: no prefetched gather may outlive the shards it read.)"""
         C.drop_prefetched()
-        self._fence()  # no rank still gathers the shards this step is about to change
         if self.world > 1:
             self.flat_grad.div_(self.world)
 

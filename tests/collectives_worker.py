@@ -77,6 +77,16 @@ def reduce_scatter_and_gather(stats: dict) -> None:
     if work is not None:
         work.wait()
     assert torch.equal(out, torch.arange(5.0 * world)[rank * 5:(rank + 1) * 5] * sum(range(1, world + 1))), out
+    # all-reduce, in place: integers (exact in any order), sizes that do not split evenly (fewer
+    # elements than ranks too), and the custom op; every rank gets the same result
+    reduced = stats.get("all_reduce", 0)
+    for n in (1, 3, 1001):
+        v = torch.arange(float(n)) * (rank + 1)
+        C.all_reduce_(v, dist.group.WORLD, world)
+        assert torch.equal(v, torch.arange(float(n)) * sum(range(1, world + 1))), (n, v)
+    assert torch.equal(C.all_reduce(torch.full((5,), rank + 1.0), g, world), torch.full((5,), float(sum(range(1, world + 1)))))
+    if "all_reduce" in stats:
+        assert stats["all_reduce"] == reduced + 4 * (world > 1)
     # beyond DIRECT_MAX_WORLD ranks, the reduce-scatter is a ring: same sums
     saved, C.DIRECT_MAX_WORLD = C.DIRECT_MAX_WORLD, 1
     C.reduce_scatter_(out, torch.arange(5.0 * world) * (rank + 1), dist.group.WORLD, world)
@@ -96,7 +106,13 @@ if world > 1:  # ... and gather by copying when the source lies in a shared regi
     assert torch.equal(got, torch.cat([torch.arange(2.0, 5.0) + 10 * r for r in range(world)])), got
     assert shm.stats["gather"] == n + 1
     assert C.prefetch_all_gather(src[2:5], g, world, tag=7) is None  # a copy later: nothing to start early
+    # ZeRO-1/2's flat buffer: rank j owns piece j of the same range of every rank's region
+    flat = shared.share(torch.full((4 * world,), float(rank)))
+    flat[rank * 4:(rank + 1) * 4] += 10  # "the step" updates this rank's piece
     shared.fence()
+    shared.gather_in_place(flat)
+    shared.fence()
+    assert torch.equal(flat, (torch.arange(float(world)) + 10).repeat_interleave(4)), flat
 # ... and by point-to-point messages where shared memory is off (DSC_SHM=0) or impossible
 os.environ["DSC_SHM"] = "0"
 shm.reset()
