@@ -123,6 +123,14 @@ def _ring_reduce_scatter(out: torch.Tensor, t: torch.Tensor, group) -> None:
     p2p_stats["reduce_scatter"] += 1
 
 
+def _handle(work: _Exchange, async_op: bool) -> _Exchange | None:
+    """The handle for a caller that waits later; otherwise wait now and return None."""
+    if async_op:
+        return work
+    work.wait()
+    return None
+
+
 def shared_memory(group=None):
     """The group's shared memory (`dsc.runtime.shm`) when its gloo ranks share a host, else None.
     The first call for a group is a collective of that group."""
@@ -149,11 +157,7 @@ def _reduce_scatter(out: torch.Tensor, t: torch.Tensor, group=None, async_op: bo
     if w > DIRECT_MAX_WORLD:
         _ring_reduce_scatter(out, t, group)
         return None
-    work = _direct_reduce_scatter(out, t, group)
-    if async_op:
-        return work
-    work.wait()
-    return None
+    return _handle(_direct_reduce_scatter(out, t, group), async_op)
 
 
 def _all_gather(out: torch.Tensor, t: torch.Tensor, group=None, async_op: bool = False):
@@ -167,11 +171,7 @@ def _all_gather(out: torch.Tensor, t: torch.Tensor, group=None, async_op: bool =
     shared = shared_memory(group)
     if shared is not None and (shared.gather(out, t) or not async_op and shared.gather_staged(out, t)):
         return None
-    work = _direct_all_gather(out, t, group)
-    if async_op:
-        return work
-    work.wait()
-    return None
+    return _handle(_direct_all_gather(out, t, group), async_op)
 
 
 _OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "max": dist.ReduceOp.MAX}

@@ -11,6 +11,8 @@ thread hand-offs. For ranks on one host, dsc instead maps the same pages into ev
   group) between writing it and peers reading it, in both directions: ZeRO-3 fences when a step
   begins (no peer still reads the old shards) and when a forward begins (every peer's new shards
   are written).
+- Staging holds at most STAGING_BYTES (32 MiB) per buffer; larger tensors go a slice at a time,
+  so staging costs each rank at most 64 MiB of /dev/shm, however large the buckets.
 - `gather_staged` gathers a tensor that is not in a region (ZeRO-3's low-precision casts of its
   shards) the same way: stage, barrier, copy.
 - `all_reduce` stages the whole tensor, sums this rank's piece of every rank's staging, and after a
@@ -49,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 SHM_DIR = Path("/dev/shm")
+STAGING_BYTES = 32 << 20  # the largest staging buffer; larger tensors are staged a slice at a time
 _groups: dict[tuple, "SharedGroup | None"] = {}  # (group name, id) -> its shared memory (None: not possible)
 stats = {"gather": 0, "gather_staged": 0, "reduce_scatter": 0, "all_reduce": 0, "fence": 0}  # in this process (tests read it)
 
@@ -198,85 +201,98 @@ class SharedGroup:
         stats["gather"] += 1
 
     def all_reduce(self, t: torch.Tensor) -> bool:
-        """Sum the contiguous CPU tensor `t` over the group, in place: every rank stages `t`, sums
-        its own piece of every rank's staging in rank order (a reduce-scatter), and after a second
-        barrier copies the others' summed pieces (an all-gather). Each rank reads about 2x `t`,
-        whatever the world size. False (on every rank) where staging is impossible."""
-        if t.device.type != "cpu" or not t.is_contiguous() or self._no_staging:
+        """Sum the contiguous CPU tensor `t` over the group, in place, one slice of at most
+        STAGING_BYTES at a time: every rank stages the slice, sums its own piece of every rank's
+        staging in rank order (a reduce-scatter), and after a second barrier copies the others'
+        summed pieces (an all-gather). Each rank reads about 2x `t`, whatever the world size.
+        False (on every rank) where staging is impossible."""
+        if t.device.type != "cpu" or not t.is_contiguous():
             return False
-        nbytes = t.numel() * t.element_size()
-        if not self._staging or self._staging[0][0].numel() < nbytes:
-            if not self._grow(nbytes):
-                return False
-        stage = self._staging[self._turn]
-        self._turn ^= 1
-        staged = [stage[r][:nbytes].view(t.dtype) for r in range(self.world)]
         flat = t.reshape(-1)
-        staged[self.rank].copy_(flat)
-        self.fence()
-        pieces = [x.tensor_split(self.world) for x in staged]
-        mine = flat.tensor_split(self.world)[self.rank]
-        own = [p[self.rank] for p in pieces]
-        torch.add(own[0], own[1], out=mine)
-        for p in own[2:]:
-            mine.add_(p)
-        pieces[self.rank][self.rank].copy_(mine)  # others read only their own pieces of this buffer so far
-        self.fence()
-        for r, part in enumerate(flat.tensor_split(self.world)):
-            if r != self.rank:
-                part.copy_(pieces[r][r])
+        for a, b in self._slices(flat.numel(), t.element_size()):
+            staged = self._take_staging(b - a, t.dtype)
+            if staged is None:
+                return False  # only before the first slice: staging fails at its first growth
+            part = flat[a:b]
+            staged[self.rank].copy_(part)
+            self.fence()
+            pieces = [x.tensor_split(self.world) for x in staged]
+            mine = part.tensor_split(self.world)[self.rank]
+            own = [p[self.rank] for p in pieces]
+            torch.add(own[0], own[1], out=mine)
+            for p in own[2:]:
+                mine.add_(p)
+            pieces[self.rank][self.rank].copy_(mine)  # others read only their own pieces of this buffer so far
+            self.fence()
+            for r, piece in enumerate(part.tensor_split(self.world)):
+                if r != self.rank:
+                    piece.copy_(pieces[r][r])
         stats["all_reduce"] += 1
         return True
 
     def gather_staged(self, out: torch.Tensor, x: torch.Tensor) -> bool:
         """Gather a private tensor (not in a region: ZeRO-3's bf16/fp16 casts of its shards) by
         staging it, meeting the group at a barrier and copying every rank's staged part into
-        `out`. A collective; False (on every rank) where staging is impossible."""
-        if x.device.type != "cpu" or out.dtype != x.dtype or out.numel() != x.numel() * self.world \
-                or self._no_staging:
+        `out`, a slice at a time. A collective; False (on every rank) where staging is impossible."""
+        if x.device.type != "cpu" or out.dtype != x.dtype or out.numel() != x.numel() * self.world:
             return False
-        nbytes = x.numel() * x.element_size()
-        if not self._staging or self._staging[0][0].numel() < nbytes:
-            if not self._grow(nbytes):
-                return False
-        stage = self._staging[self._turn]
-        self._turn ^= 1
         flat = x.reshape(-1)
-        stage[self.rank][:nbytes].view(x.dtype).copy_(flat)
-        self.fence()
         parts = out.reshape(-1).chunk(self.world)
-        for r in range(self.world):
-            parts[r].copy_(flat if r == self.rank else stage[r][:nbytes].view(x.dtype))
+        for a, b in self._slices(flat.numel(), x.element_size()):
+            staged = self._take_staging(b - a, x.dtype)
+            if staged is None:
+                return False
+            staged[self.rank].copy_(flat[a:b])
+            self.fence()
+            for r in range(self.world):
+                parts[r][a:b].copy_(flat[a:b] if r == self.rank else staged[r])
         stats["gather_staged"] += 1
         return True
 
     def reduce_scatter(self, out: torch.Tensor, t: torch.Tensor) -> bool:
-        """Sum the flat `t` over the group; this rank keeps chunk `rank` in `out`. False when
-        staging is impossible (no room in /dev/shm; the same answer on every rank)."""
-        if t.device.type != "cpu" or out.dtype != t.dtype or t.numel() != out.numel() * self.world \
-                or self._no_staging:
+        """Sum the flat `t` over the group; this rank keeps chunk `rank` in `out`. Each rank stages
+        the pieces of the other ranks' chunks (a slice of every chunk at a time), meets the group
+        at a barrier, and sums its own chunk's pieces in rank order. False when staging is
+        impossible (no room in /dev/shm; the same answer on every rank)."""
+        if t.device.type != "cpu" or out.dtype != t.dtype or t.numel() != out.numel() * self.world:
             return False
-        nbytes = t.numel() * t.element_size()
-        if not self._staging or self._staging[0][0].numel() < nbytes:
-            if not self._grow(nbytes):
-                return False
-        stage = self._staging[self._turn]
-        self._turn ^= 1
         chunks = t.reshape(-1).chunk(self.world)
-        mine = stage[self.rank][:nbytes].view(t.dtype).chunk(self.world)
-        for r in range(self.world):  # the chunks the others sum (this rank's own is read from `t`)
-            if r != self.rank:
-                mine[r].copy_(chunks[r])
-        self.fence()
-        n = out.numel() * t.element_size()
-        lo, hi = self.rank * n, (self.rank + 1) * n
-        parts = [chunks[r] if r == self.rank else stage[r][lo:hi].view(t.dtype) for r in range(self.world)]
         flat = out.reshape(-1)
-        torch.add(parts[0], parts[1], out=flat)
-        for p in parts[2:]:
-            flat.add_(p)
+        for a, b in self._slices(flat.numel(), t.element_size() * self.world):
+            staged = self._take_staging((b - a) * self.world, t.dtype)
+            if staged is None:
+                return False
+            mine = staged[self.rank].chunk(self.world)
+            for r in range(self.world):  # the pieces the others sum (this rank's own is read from `t`)
+                if r != self.rank:
+                    mine[r].copy_(chunks[r][a:b])
+            self.fence()
+            parts = [chunks[r][a:b] if r == self.rank else staged[r].chunk(self.world)[self.rank]
+                     for r in range(self.world)]
+            torch.add(parts[0], parts[1], out=flat[a:b])
+            for p in parts[2:]:
+                flat[a:b].add_(p)
         stats["reduce_scatter"] += 1
         return True
+
+    @staticmethod
+    def _slices(numel: int, unit_bytes: int) -> list[tuple[int, int]]:
+        """[a, b) ranges covering `numel` elements, each at most STAGING_BYTES when every element
+        takes `unit_bytes` of staging."""
+        step = max(1, STAGING_BYTES // unit_bytes)
+        return [(a, min(a + step, numel)) for a in range(0, numel, step)] or [(0, 0)]
+
+    def _take_staging(self, numel: int, dtype: torch.dtype) -> list[torch.Tensor] | None:
+        """The next of the two staging buffers, as every rank's `numel` elements of `dtype`
+        (growing them first if needed); None, on every rank, where staging is impossible."""
+        if self._no_staging:
+            return None
+        nbytes = numel * dtype.itemsize
+        if (not self._staging or self._staging[0][0].numel() < nbytes) and not self._grow(nbytes):
+            return None
+        stage = self._staging[self._turn]
+        self._turn ^= 1
+        return [stage[r][:nbytes].view(dtype) for r in range(self.world)]
 
     def _grow(self, nbytes: int) -> bool:
         """Staging for tensors of up to `nbytes` (rounded up to 1 MiB), replacing smaller staging.

@@ -97,6 +97,9 @@ def reduce_scatter_and_gather(stats: dict) -> None:
 evens = dist.new_group([r for r in range(world) if r % 2 == 0])
 # gloo ranks on one host reduce-scatter through shared memory (dsc.runtime.shm) ...
 reduce_scatter_and_gather(shm.stats)
+staging, shm.STAGING_BYTES = shm.STAGING_BYTES, 64  # ... in many slices when tensors outgrow the staging
+reduce_scatter_and_gather(shm.stats)
+shm.STAGING_BYTES = staging
 if world > 1:  # ... and gather by copying when the source lies in a shared region (ZeRO-3's shards)
     shared = C.shared_memory()
     src = shared.share(torch.arange(6.0) + 10 * rank)
