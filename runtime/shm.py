@@ -139,9 +139,8 @@ class SharedGroup:
 
     def share(self, t: torch.Tensor) -> torch.Tensor | None:
         """A copy of the contiguous CPU tensor `t` in this rank's part of a new region, visible to
-        every rank when this returns, or None when
-        /dev/shm has no room on some rank (a collective: every rank shares a tensor of the same
-        size, in the same order)."""
+        every rank when this returns; None when /dev/shm has no room on some rank. A collective:
+        every rank shares a tensor of the same size, in the same order."""
         nbytes = t.numel() * t.element_size()
         views = self._map(nbytes)
         if views is None:
