@@ -55,9 +55,6 @@ class _Exchange:
             then()
         return True
 
-    def is_completed(self) -> bool:
-        return all(w.is_completed() for w in self._works)
-
 
 def _p2p(group) -> bool:
     return dist.get_backend(group) == "gloo" and dist.get_world_size(group) <= DIRECT_MAX_WORLD
