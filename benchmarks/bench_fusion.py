@@ -353,6 +353,7 @@ def bench_norm_backward(name: str, rows: int, cols: int, dtype, reps: int) -> di
 
 
 def main() -> int:
+    global DEVICE, BLOCK
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--patterns", default=",".join(PATTERNS))
     p.add_argument("--shapes", default="8192x1024,4096x4096")
@@ -364,11 +365,10 @@ def main() -> int:
     p.add_argument("--block-seq", type=int, default=256)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: Triton kernels on the GPU, timed in CUDA graphs (GPU time) and per call")
-    p.add_argument("--run-length", type=int, default=4,
+    p.add_argument("--run-length", type=int, default=BLOCK,
                    help="CPU: calls of one contender in a row within each round (1: strictly interleaved)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    global DEVICE, BLOCK
     DEVICE, BLOCK = args.device, args.run_length
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))

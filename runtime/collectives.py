@@ -149,9 +149,9 @@ def _reduce_scatter(out: torch.Tensor, t: torch.Tensor, group=None, async_op: bo
     shared = shared_memory(group)
     if shared is not None and shared.reduce_scatter(out, t):
         return None
-    if async_op and w > DIRECT_MAX_WORLD:
-        return _native_reduce_scatter(out, t, group=group, async_op=async_op)
-    if w > DIRECT_MAX_WORLD:
+    if w > DIRECT_MAX_WORLD:  # the ring, when the caller waits; gloo's own otherwise
+        if async_op:
+            return _native_reduce_scatter(out, t, group=group, async_op=True)
         _ring_reduce_scatter(out, t, group)
         return None
     return _handle(_direct_reduce_scatter(out, t, group), async_op)

@@ -57,7 +57,8 @@ stats = {"gather": 0, "gather_staged": 0, "reduce_scatter": 0, "all_reduce": 0, 
 
 
 def enabled() -> bool:
-    return os.environ.get("DSC_SHM", "1") != "0"
+    """False when `DSC_SHM` says off (0, false, no, off; any case)."""
+    return os.environ.get("DSC_SHM", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _boot_id() -> str:

@@ -137,7 +137,6 @@ class ZeroEngine:
     def _share_flat(self) -> None:
         """Move the flat parameter buffer into shared memory when the group's ranks share a host
         (gloo on CPU): rank r then reads the parts other ranks own straight from their buffers."""
-        self.shared = None
         if self.flat.device.type != "cpu" or self.world == 1:
             return
         shared = C.shared_memory(self.group)
