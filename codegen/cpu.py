@@ -41,8 +41,14 @@ def nt_bytes() -> int:
     return int(os.environ.get("DSC_NT_BYTES", 8 << 20))
 
 
+def pairs() -> bool:
+    """bf16 rows of even length are processed two elements per 32-bit word (common.h.j2);
+    `DSC_BF16_PAIRS=0` turns that off (tests compare the two paths)."""
+    return os.environ.get("DSC_BF16_PAIRS", "1").lower() not in ("0", "false", "no", "off")
+
+
 def render(template: str, **params) -> str:
-    return _env.get_template(template).render(nt_bytes=nt_bytes(), **params)
+    return _env.get_template(template).render(nt_bytes=nt_bytes(), pairs=pairs(), **params)
 
 
 def template_sources() -> str:

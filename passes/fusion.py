@@ -827,8 +827,8 @@ def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
                                      or grp.pattern != "pointwise"))
         dtype = _val(grp.outputs[0]).dtype
         what = (backend, grp.pattern, grp.params, kinds, space, str(dtype), [_short(n.target) for n in grp.nodes])
-        if backend == "cpu":  # the streaming-store threshold is compiled in (codegen/templates/common.h.j2)
-            what += (cpu.nt_bytes(),)
+        if backend == "cpu":  # compiled in: the streaming-store threshold and bf16 pairs (common.h.j2)
+            what += (cpu.nt_bytes(), cpu.pairs())
         digest = hashlib.sha256(repr(what).encode()).hexdigest()[:8]  # same computation -> same kernel
         name = f"{grp.pattern}_{ops.replace('_', '')[:24] + '_' if grp.pattern == 'pointwise' and ops else ''}{digest}"
         kernel = KERNELS.get(name) or Kernel(name, grp, ref, kinds, space, cols, backend)

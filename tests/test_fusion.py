@@ -186,6 +186,44 @@ def test_streaming_stores_write_what_plain_stores_write(name, dtype, monkeypatch
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("name", [*PATTERNS, "dropout"])
+def test_bf16_pairs_match_one_element_per_lane(name, monkeypatch):
+    """bf16 rows of even length run two elements per 32-bit word (LO/HI/PK in common.h.j2), with
+    plain and with streaming stores; DSC_BF16_PAIRS=0 turns that off. Pointwise kernels compute
+    each element as before, so the outputs (dropout's mask included) must be bitwise the same;
+    norms and softmax sum a row in another order: within one bf16 step of each other, and both
+    within the parity test's bound of eager. The test's other shapes have odd rows (781): there
+    the one-element path runs."""
+    monkeypatch.setattr(sys.modules[__name__], "COLS", 782)
+    dtype = torch.bfloat16
+    if name == "dropout":
+        build, pattern, xs = lambda: BiasGeluDropoutResidual(0.1, cols=782), "pointwise", inputs("residual_relu", dtype)
+    else:
+        (build, pattern), xs = PATTERNS[name], inputs(name, dtype)
+    results = {}
+    for pairs, nt in (("1", "0"), ("1", "1000000000000"), ("0", "1000000000000")):
+        monkeypatch.setenv("DSC_BF16_PAIRS", pairs)
+        monkeypatch.setenv("DSC_NT_BYTES", nt)
+        torch.manual_seed(0)
+        module = build().to(dtype)
+        torch.manual_seed(1)  # dropout's seed
+        compiled, y, grads = run(module, xs, fused=True)
+        (kernel,) = compiled.report()["kernels"]
+        assert kernel["pattern"] == pattern and KERNELS[kernel["name"]].calls["kernel"] >= 1
+        assert f"const int pairs = {pairs} && cols % 2 == 0;" in open(kernel["source"]).read()
+        results[pairs, nt] = y, grads
+    (y1, g1), (y1s, g1s), (y0, g0) = results.values()
+    assert torch.equal(y1, y1s) and all(torch.equal(a, b) for a, b in zip(g1, g1s))  # stores: bitwise
+    if pattern == "pointwise":
+        assert torch.equal(y1, y0) and all(torch.equal(a, b) for a, b in zip(g1, g0))
+    else:
+        torch.testing.assert_close(y1.float(), y0.float(), rtol=8e-3, atol=8e-3)
+    if name != "dropout":
+        torch.manual_seed(0)
+        _, y_ref, _ = run(build().to(dtype), xs, fused=False)
+        torch.testing.assert_close(y1.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+
+
 def _assert_grads_as_accurate_as_eager(build, xs, grads, grads_ref, dtype):
     """A generated backward sums the weight gradient over rows in its own order, so it is compared
     with a float64 run of the same module, as eager is: its error (relative, in norm) must be at
