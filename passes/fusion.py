@@ -265,9 +265,16 @@ class Kernel:
             if buf is not None and sys.getrefcount(buf) == 3 and \
                     torch._C._storage_Use_Count(buf.untyped_storage()._cdata) == 2:
                 return buf
-            buf = self._pool[(i, dtype)] = torch.empty(self.shape, dtype=dtype, device=device)
+            buf = self._pool[(i, dtype)] = self._empty(self.shape, dtype, device)
             return buf
-        return torch.empty(self.shape, dtype=dtype, device=device)
+        return self._empty(self.shape, dtype, device)
+
+    @staticmethod
+    def _empty(shape, dtype, device) -> torch.Tensor:
+        """A new output buffer; on the CPU in huge pages where it is large (cpu.empty)."""
+        if torch.device(device).type == "cpu":
+            return cpu.empty(shape, dtype)
+        return torch.empty(shape, dtype=dtype, device=device)
 
     def source(self, dtype: torch.dtype) -> str:
 
@@ -350,7 +357,7 @@ class Kernel:
             return [dx, dw, db][:len(xs)]
         blocks = min(rows, 64)  # fixed, not per thread: the weight gradient's sum order never changes
         x, dy = x.contiguous(), dy.contiguous()
-        dx = torch.empty_like(x)
+        dx = cpu.empty(x.shape, x.dtype)
         part = torch.empty(blocks, 2, cols, dtype=torch.float32)
         dw = torch.empty(cols, dtype=dtype) if w is not None else None
         db = torch.empty(cols, dtype=dtype) if b is not None else None

@@ -614,3 +614,41 @@ def test_a_backward_kernel_the_compiler_refuses_falls_back_to_recompute(monkeypa
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
     calls = KERNELS[k["name"]].calls
     assert calls["kernel"] == before["kernel"] + 1 and calls["backward"] == before["backward"]
+
+
+def _huge_kib(t: torch.Tensor) -> int:
+    """AnonHugePages (KiB) of the mappings that overlap t's bytes, from /proc/self/smaps (advice
+    splits a mapping: the advised part is a mapping of its own)."""
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo < end and start < hi
+        elif inside and head == "AnonHugePages:":
+            total += int(line.split()[1])
+    return total
+
+
+def test_large_kernel_outputs_are_advised_huge_pages(monkeypatch):
+    """cpu.empty advises MADV_HUGEPAGE on outputs of 4 MiB or more (a fresh buffer faults in 2 MiB
+    at a time instead of 4 KiB); DSC_THP=0 leaves them in small pages. Needs THP in `madvise` mode,
+    the default of most distributions (`always` would give huge pages either way). 64 MiB: above
+    glibc's largest mmap threshold, so the buffer is a fresh mapping, not reused (already faulted)
+    heap memory, whose small pages the advice does not replace until khugepaged gets to them."""
+    from dsc.codegen import cpu
+
+    try:
+        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        pytest.skip("no transparent huge pages on this system")
+    if "[madvise]" not in mode:
+        pytest.skip(f"THP mode is {mode.strip()!r}, not madvise")
+    t = cpu.empty((16384, 1024), torch.float32).fill_(1.0)
+    assert _huge_kib(t) >= 2048
+    monkeypatch.setenv("DSC_THP", "0")
+    u = cpu.empty((16384, 1024), torch.float32).fill_(1.0)
+    assert _huge_kib(u) == 0
+    monkeypatch.delenv("DSC_THP")
+    assert _huge_kib(cpu.empty((256, 1024), torch.float32).fill_(1.0)) == 0  # 1 MiB: not advised
