@@ -21,17 +21,20 @@ Patterns (plan `fusion.patterns`):
 - rmsnorm: the decomposed RMSNorm of Llama-style models (pow 2, mean, add eps, rsqrt, mul, weight).
 - softmax: softmax over the last dimension with an optional scale and additive mask prologue.
 
-Backward: LayerNorm (without the residual add) and RMSNorm kernels have a generated backward
-kernel (codegen/templates/rownorm_bwd.c.j2 and rownorm_bwd.py.j2 for Triton: dx and the
-weight/bias gradients in one pass) when autocast is off; every other fused op's gradient recomputes the group's original (unfused) ops
-from the saved inputs under autograd, so those gradients are eager's by construction. Only the
-inputs are saved.
+Backward (when autocast is off): LayerNorm (without the residual add) and RMSNorm kernels have
+a generated backward kernel (codegen/templates/rownorm_bwd.c.j2, and rownorm_bwd.py.j2 for
+Triton: dx and the weight/bias gradients in one pass). On the CPU, so do pointwise groups whose
+every op has a derivative rule (`_grad_terms`: all of the above): the backward is itself a
+pointwise kernel (pointwise.c.j2) that recomputes the forward's values from the saved inputs and
+applies the rules in reverse, one pass over memory; a broadcast input's gradient (a bias) is
+then summed to its shape by torch, as eager does. Every other fused op's gradient recomputes the
+group's original (unfused) ops from the saved inputs under autograd. Only the inputs are saved.
 
 Dropout (p > 0, training) draws from a counter-based RNG instead of torch's generator: element i
 of a call with seed s is kept when a hash of (s, i) clears p (codegen/templates/common.h.j2). The
 seed is drawn from torch's default generator once per call (so `torch.manual_seed` makes runs
-repeatable) and returned as the op's last output; backward rebuilds the same mask from it in
-PyTorch ops (`dropout_keep`). The masks are not eager's: they have the same distribution, not
+repeatable) and returned as the op's last output; backward rebuilds the same mask from it (in
+the backward kernel, or in PyTorch ops, `dropout_keep`, when it recomputes). The masks are not eager's: they have the same distribution, not
 the same draws.
 """
 
@@ -305,13 +308,25 @@ class Kernel:
         under TRITON_INTERPRET=1), the C backend CPU tensors."""
         return "cuda" if self.backend == "triton" and t.is_cuda else "cpu"
 
-    # -- generated backward (LayerNorm and RMSNorm; other groups recompute their unfused ops) ------
+    # -- generated backward (LayerNorm, RMSNorm, and on the CPU pointwise groups whose every op has a
+    # derivative rule; other groups recompute their unfused ops) ----------------------------------
     @property
     def has_backward(self) -> bool:
+        if self.pattern == "pointwise":
+            return self.backend == "cpu" and self.params.get("grad") is not None
         return self.pattern in ("layernorm", "rmsnorm") and not self.params.get("has_residual")
 
     def build_backward(self, dtype: torch.dtype) -> str:
         """Compile (or find in the cache) the backward kernel for `dtype`; returns its source path."""
+        if self.pattern == "pointwise":  # itself a pointwise kernel: inputs + output grads -> input grads
+            grad = self.params["grad"]
+            src = cpu.render("pointwise.c.j2", name=f"{self.name}_bwd", dtype=cpu.DTYPES[dtype],
+                             replaced="the backward of " + ", ".join(self.replaced),
+                             inputs=[*self.kinds, *["full"] * self.n_out], body=grad["body"],
+                             outputs=grad["outputs"], seeded=self.seeded)
+            fn, _, path = cpu.compile_kernel(src, f"{self.name}_bwd")
+            self._bwd[dtype] = (fn, None, str(path))
+            return str(path)
         if self.backend == "triton":
             src = cpu.render("rownorm_bwd.py.j2", kind=self.pattern, name=self.name, replaced=", ".join(self.replaced),
                              has_weight=self.params.get("has_weight", True), has_bias=self.params.get("has_bias", False))
@@ -325,6 +340,32 @@ class Kernel:
         red, _, _ = cpu.compile_kernel(src, f"{self.name}_bwd_reduce")
         self._bwd[dtype] = (fn, red, str(path))
         return str(path)
+
+    def pointwise_backward(self, xs: list, seeds: list, grads: list) -> list | None:
+        """A pointwise group's input gradients from its generated backward kernel (the forward's
+        inputs and the outputs' gradients in, one gradient per input over the iteration space out,
+        summed to the input's shape where it was broadcast), or None when it does not apply."""
+        dtype = xs[0].dtype
+        if dtype not in cpu.DTYPES or any(x.dtype != dtype or x.device.type != "cpu" for x in xs) or \
+                [tuple(x.shape) for x in xs] != self.input_shapes or \
+                any(g is not None and (g.dtype != dtype or tuple(g.shape) != self.shape) for g in grads):
+            return None
+        if dtype not in self._bwd:
+            try:
+                self.build_backward(dtype)
+            except cache.CompileError:
+                self._bwd[dtype] = None
+        if self._bwd[dtype] is None:
+            return None
+        fn = self._bwd[dtype][0]
+        xs = [x.contiguous() for x in xs]
+        grads = [g.contiguous() if g is not None else torch.zeros(self.shape, dtype=dtype) for g in grads[:self.n_out]]
+        outs = [cpu.empty(self.shape, dtype) for _ in xs]
+        rows = max(1, _numel(self.shape) // max(self.cols, 1))
+        fn(*[cpu.ptr(t) for t in (*xs, *grads, *outs)], _i64(rows), _i64(self.cols),
+           *[ctypes.c_uint32(int(t)) for t in seeds])
+        self.calls["backward"] += 1
+        return [g if kind == "full" else g.sum_to_size(x.shape) for g, x, kind in zip(outs, xs, self.kinds)]
 
     def backward(self, xs: list, dy: torch.Tensor) -> list | None:
         """The inputs' gradients from the generated backward kernel, or None when it does not
@@ -474,8 +515,11 @@ class _Fused(torch.autograd.Function):
 def _backward(name: str, saved, n_in: int, autocast, grads) -> list:
     device, enabled, dtype = autocast
     kernel = KERNELS[name]
-    if kernel.has_backward and not enabled and grads[0] is not None:  # a generated backward kernel
-        got = kernel.backward(list(saved[:n_in]), grads[0])
+    if kernel.has_backward and not enabled:  # a generated backward kernel
+        if kernel.pattern == "pointwise":
+            got = kernel.pointwise_backward(list(saved[:n_in]), list(saved[n_in:]), list(grads))
+        else:
+            got = kernel.backward(list(saved[:n_in]), grads[0]) if grads[0] is not None else None
         if got is not None:
             return got
     xs = [x.detach().requires_grad_(x.is_floating_point()) if x is not None else None for x in saved[:n_in]]
@@ -743,21 +787,98 @@ def _reference(group: Group) -> torch.fx.GraphModule:
 
 
 def _pointwise_params(group: Group, lang: str = "c") -> dict:
-    """The group as straight-line code: one temporary per op, in graph order."""
-    env, body, sites = {}, [], 0
+    """The group as straight-line code: one temporary per op, in graph order. For C, also its
+    backward (`grad`, see _pointwise_grad), or None where an op has no derivative rule."""
+    env, body, sites, drops = {}, [], 0, {}
     for i, x in enumerate(group.inputs):
         env[x] = f"v{i}"
     for j, n in enumerate(group.nodes):
         if _random_dropout(n):
             thresh, scale = _dropout_constants(_dropout_args(n)[0])
             salt, u = sites * DROPOUT_SALT & M32, "u" if lang == "c" else ""
-            expr = f"v_dropout({env[n.args[0]]}, seed + {salt}{u}, i, {thresh}{u}, {LITERALS[lang](scale)})"
+            drops[n] = f"seed + {salt}{u}, i, {thresh}{u}, {LITERALS[lang](scale)}"
+            expr = f"v_dropout({env[n.args[0]]}, {drops[n]})"
             sites += 1
         else:
             expr = _emit(n, env, lang)
         body.append(f"const float t{j} = {expr};" if lang == "c" else f"t{j} = {expr}")
         env[n] = f"t{j}"
-    return {"body": body, "outputs": [env[o] for o in group.outputs], "seeded": sites > 0}
+    params = {"body": body, "outputs": [env[o] for o in group.outputs], "seeded": sites > 0}
+    if lang == "c":
+        params["grad"] = _pointwise_grad(group, body, env, drops)
+    return params
+
+
+def _grad_terms(n: torch.fx.Node, a: list, y: str, g: str, drop: str | None) -> list | None:
+    """Reverse-mode rule of one op: [(argument index, its gradient as a C expression)] given the
+    argument expressions `a` (strings for tensors, raw scalars otherwise), the op's value `y` and
+    the gradient `g` flowing into it; None when there is no rule (the group then recomputes). The
+    formulas are eager's (torch's derivatives.yaml); GELU's are in common.h.j2."""
+    t, kw, L = n.target, n.kwargs, _lit_c
+    if t in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar):
+        alpha = kw.get("alpha", 1)
+        sign = "-" if t in (aten.sub.Tensor, aten.sub.Scalar) else ""
+        return [(0, g), (1, f"({sign}{g})" if alpha == 1 else f"({sign}{L(alpha)} * {g})")]
+    if t in (aten.mul.Tensor, aten.mul.Scalar):
+        return [(0, f"({g} * {_args([a[1]], L)[0]})"), (1, f"({g} * {_args([a[0]], L)[0]})")]
+    if t in (aten.div.Tensor, aten.div.Scalar):
+        d = _args([a[1]], L)[0]
+        return [(0, f"({g} / {d})"), (1, f"(-{g} * {y} / {d})")]
+    if t is aten.rsub.Scalar and kw.get("alpha", 1) == 1:
+        return [(0, f"(-{g})")]
+    if t is aten.neg.default:
+        return [(0, f"(-{g})")]
+    if t is aten.relu.default:
+        return [(0, f"({y} > 0.0f ? {g} : 0.0f)")]
+    if t is aten.gelu.default:
+        fn = "v_gelu_tanh_grad" if kw.get("approximate", "none") == "tanh" else "v_gelu_erf_grad"
+        return [(0, f"({g} * {fn}({a[0]}))")]
+    if t is aten.silu.default:
+        return [(0, f"({g} * v_silu_grad({a[0]}))")]
+    if t is aten.sigmoid.default:
+        return [(0, f"({g} * {y} * (1.0f - {y}))")]
+    if t is aten.tanh.default:
+        return [(0, f"({g} * (1.0f - {y} * {y}))")]
+    if t is aten.exp.default:
+        return [(0, f"({g} * {y})")]
+    if t is aten.rsqrt.default:
+        return [(0, f"(-0.5f * {g} * {y} * {y} * {y})")]
+    if t is aten.sqrt.default:
+        return [(0, f"({g} * 0.5f / {y})")]
+    if t is aten.pow.Tensor_Scalar:
+        x, e = a[0], float(a[1])
+        rules = {2.0: f"({g} * 2.0f * {x})", 3.0: f"({g} * 3.0f * {x} * {x})", 1.0: g,
+                 0.5: f"({g} * 0.5f / {y})", -1.0: f"(-{g} * {y} * {y})", -0.5: f"(-0.5f * {g} * {y} * {y} * {y})"}
+        return [(0, rules[e])] if e in rules else None
+    if t is aten.dropout.default:
+        return [(0, f"v_dropout({g}, {drop})" if drop else g)]  # the forward's mask, redrawn
+    if t in (aten.clone.default, aten.alias.default, aten.contiguous.default, aten.to.dtype, aten._to_copy.default):
+        return [(0, g)]
+    return None
+
+
+def _pointwise_grad(group: Group, body: list, env: dict, drops: dict) -> dict | None:
+    """The group's backward as straight-line C: the forward's lines (recomputed from the saved
+    inputs), then each op's rule in reverse order. The kernel's inputs are the forward's, then one
+    gradient per output (v<n_in + k>); its outputs are one gradient per input over the whole
+    iteration space (a broadcast input's is summed to its shape afterwards, as eager does)."""
+    n_in = len(group.inputs)
+    terms: dict = {x: [] for x in [*group.inputs, *group.nodes]}
+    for k, o in enumerate(group.outputs):
+        terms[o].append(f"v{n_in + k}")
+    lines = list(body)
+    for j, n in reversed(list(enumerate(group.nodes))):
+        if not terms[n]:
+            continue
+        lines.append(f"const float g{j} = {' + '.join(terms[n])};")
+        rule = _grad_terms(n, [env.get(x, x) if isinstance(x, torch.fx.Node) else x for x in n.args],
+                           env[n], f"g{j}", drops.get(n))
+        if rule is None:
+            return None
+        for i, expr in rule:
+            if i < len(n.args) and isinstance(n.args[i], torch.fx.Node):
+                terms[n.args[i]].append(expr)
+    return {"body": lines, "outputs": [" + ".join(terms[x]) if terms[x] else "0.0f" for x in group.inputs]}
 
 
 def _place(graph: torch.fx.Graph, group: Group) -> torch.fx.Node | None:
