@@ -318,23 +318,25 @@ def bench_block(kind: str, dtype, reps: int, batch: int, seq: int):
             "kernels": len(fused.report()["kernels"]), **{f"{k}_s": v for k, v in t.items()}}
 
 
-def bench_norm_backward(name: str, rows: int, cols: int, dtype, reps: int) -> dict:
-    """Forward + backward of one norm: eager, Inductor, dsc with its generated backward kernel and
-    dsc recomputing the unfused ops instead (what every other fused group does)."""
+def bench_backward(name: str, rows: int, cols: int, dtype, reps: int) -> dict:
+    """Forward + backward of one pattern: eager, Inductor, dsc with its generated backward kernel
+    and dsc recomputing the unfused ops instead (what softmax and GPU pointwise groups do)."""
     import dsc
     from dsc.passes import fusion
 
+    build, n_full, n_vec, _ = PATTERNS[name]
     torch.manual_seed(0)
-    module = PATTERNS[name][0](cols).to(device=DEVICE, dtype=dtype)
-    x = torch.randn(rows, cols, device=DEVICE).to(dtype)
-    fused = dsc.compile(module, {"fusion": {"enabled": True}}, example_inputs=(x,))
+    module = build(cols).to(device=DEVICE, dtype=dtype)
+    xs = [torch.randn(rows, cols, device=DEVICE).to(dtype) for _ in range(n_full)]
+    xs += [torch.where(torch.rand(cols, device=DEVICE) < 0.1, float("-inf"), 0.0).to(dtype) for _ in range(n_vec)]
+    fused = dsc.compile(module, {"fusion": {"enabled": True}}, example_inputs=tuple(xs))
     compiled = torch.compile(module)
     generated = fusion.Kernel.__dict__["has_backward"]
 
     def step(fn):
         def go():
-            xi = x.detach().requires_grad_()
-            fn(xi).float().sum().backward()
+            ins = [x.detach().requires_grad_(i < n_full) for i, x in enumerate(xs)]
+            fn(*ins).float().sum().backward()
         return go
 
     def recompute():
@@ -348,7 +350,7 @@ def bench_norm_backward(name: str, rows: int, cols: int, dtype, reps: int) -> di
     for fn in fns.values():
         fn(), fn()
     t = timed(fns, reps)
-    return {"norm": name, "shape": f"{rows}x{cols}", "dtype": str(dtype).replace("torch.", ""),
+    return {"pattern": name, "shape": f"{rows}x{cols}", "dtype": str(dtype).replace("torch.", ""),
             **{f"{k}_s": v for k, v in t.items()}}
 
 
@@ -393,14 +395,13 @@ def main() -> int:
     print(f"copy bandwidth (read + write), alone: {copy / 1e9:.1f} GB/s"
           + (" (the % columns use the copy timed in each pattern's rounds)" if DEVICE == "cpu" else "") + ", "
           + (torch.cuda.get_device_name() if DEVICE == "cuda" else f"{args.threads} threads"))
-    for dt in args.dtypes.split(","):
-        for name in [n for n in ("layernorm", "rmsnorm") if n in args.patterns.split(",")]:
+    for dt in args.dtypes.split(","):  # forward + backward: every pattern with a generated backward
+        for name in [n for n in args.patterns.split(",") if n in PATTERNS and n != "softmax_mask"]:
             r, c = shapes[0]
-            res = bench_norm_backward(name, r, c, DTYPES[dt], args.reps)
-            bwd = "backward kernel"
+            res = bench_backward(name, r, c, DTYPES[dt], args.reps)
             print(json.dumps(res) if args.json else
                   f"{name} fwd+bwd {res['shape']} {res['dtype']}: eager {res['eager_s'] * 1e3:.1f} ms, inductor "
-                  f"{res['inductor_s'] * 1e3:.1f} ms, dsc {res['dsc_s'] * 1e3:.1f} ms ({bwd}), "
+                  f"{res['inductor_s'] * 1e3:.1f} ms, dsc {res['dsc_s'] * 1e3:.1f} ms (backward kernel), "
                   f"{res['dsc_recompute_s'] * 1e3:.1f} ms (recompute): dsc/eager {res['eager_s'] / res['dsc_s']:.2f}x, "
                   f"dsc/inductor {res['inductor_s'] / res['dsc_s']:.2f}x", flush=True)
     if args.block != "none":

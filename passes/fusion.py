@@ -345,7 +345,7 @@ class Kernel:
         """A pointwise group's input gradients from its generated backward kernel (the forward's
         inputs and the outputs' gradients in, one gradient per input over the iteration space out,
         summed to the input's shape where it was broadcast), or None when it does not apply."""
-        dtype = xs[0].dtype
+        dtype, grads = xs[0].dtype, grads[:self.n_out]  # (the seed's "gradient" is a zero scalar)
         if dtype not in cpu.DTYPES or any(x.dtype != dtype or x.device.type != "cpu" for x in xs) or \
                 [tuple(x.shape) for x in xs] != self.input_shapes or \
                 any(g is not None and (g.dtype != dtype or tuple(g.shape) != self.shape) for g in grads):
@@ -357,15 +357,17 @@ class Kernel:
                 self._bwd[dtype] = None
         if self._bwd[dtype] is None:
             return None
-        fn = self._bwd[dtype][0]
+        fn, spec = self._bwd[dtype][0], self.params["grad"]
         xs = [x.contiguous() for x in xs]
-        grads = [g.contiguous() if g is not None else torch.zeros(self.shape, dtype=dtype) for g in grads[:self.n_out]]
-        outs = [cpu.empty(self.shape, dtype) for _ in xs]
-        rows = max(1, _numel(self.shape) // max(self.cols, 1))
-        fn(*[cpu.ptr(t) for t in (*xs, *grads, *outs)], _i64(rows), _i64(self.cols),
-           *[ctypes.c_uint32(int(t)) for t in seeds])
-        self.calls["backward"] += 1
-        return [g if kind == "full" else g.sum_to_size(x.shape) for g, x, kind in zip(outs, xs, self.kinds)]
+        grads = [g.contiguous() if g is not None else torch.zeros(self.shape, dtype=dtype) for g in grads]
+        outs = [cpu.empty(self.shape, dtype) for _ in spec["outputs"]]
+        if outs:
+            rows = max(1, _numel(self.shape) // max(self.cols, 1))
+            fn(*[cpu.ptr(t) for t in (*xs, *grads, *outs)], _i64(rows), _i64(self.cols),
+               *[ctypes.c_uint32(int(t)) for t in seeds])
+            self.calls["backward"] += 1
+        got = [None if src is None else (outs if src[0] == "out" else grads)[src[1]] for src in spec["grads"]]
+        return [g if g is None or kind == "full" else g.sum_to_size(x.shape) for g, x, kind in zip(got, xs, self.kinds)]
 
     def backward(self, xs: list, dy: torch.Tensor) -> list | None:
         """The inputs' gradients from the generated backward kernel, or None when it does not
@@ -818,7 +820,7 @@ def _grad_terms(n: torch.fx.Node, a: list, y: str, g: str, drop: str | None) -> 
     if t in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar):
         alpha = kw.get("alpha", 1)
         sign = "-" if t in (aten.sub.Tensor, aten.sub.Scalar) else ""
-        return [(0, g), (1, f"({sign}{g})" if alpha == 1 else f"({sign}{L(alpha)} * {g})")]
+        return [(0, g), (1, g if alpha == 1 and not sign else f"({sign}{g})" if alpha == 1 else f"({sign}{L(alpha)} * {g})")]
     if t in (aten.mul.Tensor, aten.mul.Scalar):
         return [(0, f"({g} * {_args([a[1]], L)[0]})"), (1, f"({g} * {_args([a[0]], L)[0]})")]
     if t in (aten.div.Tensor, aten.div.Scalar):
@@ -860,25 +862,44 @@ def _grad_terms(n: torch.fx.Node, a: list, y: str, g: str, drop: str | None) -> 
 def _pointwise_grad(group: Group, body: list, env: dict, drops: dict) -> dict | None:
     """The group's backward as straight-line C: the forward's lines (recomputed from the saved
     inputs), then each op's rule in reverse order. The kernel's inputs are the forward's, then one
-    gradient per output (v<n_in + k>); its outputs are one gradient per input over the whole
-    iteration space (a broadcast input's is summed to its shape afterwards, as eager does)."""
+    gradient per output (v<n_in + k>); it writes each distinct input gradient once, over the whole
+    iteration space (a broadcast input's is summed to its shape afterwards, as eager does).
+    `grads[i]` says where input i's gradient comes from: ("out", j) the kernel's output j,
+    ("dy", k) output k's incoming gradient as it is (a residual add passes it through: no copy),
+    or None (no path from the input to an output)."""
     n_in = len(group.inputs)
     terms: dict = {x: [] for x in [*group.inputs, *group.nodes]}
     for k, o in enumerate(group.outputs):
         terms[o].append(f"v{n_in + k}")
-    lines = list(body)
+    lines, alias = list(body), {}
     for j, n in reversed(list(enumerate(group.nodes))):
         if not terms[n]:
             continue
-        lines.append(f"const float g{j} = {' + '.join(terms[n])};")
+        total = " + ".join(terms[n])
+        if len(terms[n]) == 1 and total.isidentifier():
+            alias[n] = total  # the gradient passes through unchanged: no new value
+        else:
+            alias[n] = f"g{j}"
+            lines.append(f"const float g{j} = {total};")
         rule = _grad_terms(n, [env.get(x, x) if isinstance(x, torch.fx.Node) else x for x in n.args],
-                           env[n], f"g{j}", drops.get(n))
+                           env[n], alias[n], drops.get(n))
         if rule is None:
             return None
         for i, expr in rule:
             if i < len(n.args) and isinstance(n.args[i], torch.fx.Node):
                 terms[n.args[i]].append(expr)
-    return {"body": lines, "outputs": [" + ".join(terms[x]) if terms[x] else "0.0f" for x in group.inputs]}
+    outputs, grads = [], []
+    for x in group.inputs:
+        total = " + ".join(terms[x])
+        if not total:
+            grads.append(None)
+        elif total.isidentifier() and total.startswith("v") and int(total[1:]) >= n_in:
+            grads.append(("dy", int(total[1:]) - n_in))
+        else:
+            if total not in outputs:
+                outputs.append(total)
+            grads.append(("out", outputs.index(total)))
+    return {"body": lines, "outputs": outputs, "grads": grads}
 
 
 def _place(graph: torch.fx.Graph, group: Group) -> torch.fx.Node | None:

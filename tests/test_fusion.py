@@ -469,7 +469,8 @@ def test_dropout_fuses_with_a_counter_based_rng_and_backward_redraws_the_same_ma
     y_ref = torch.where(keep, F.gelu(xr + module.bias) * scale, torch.zeros(())) + r
     torch.testing.assert_close(y, y_ref.detach(), rtol=1e-5, atol=2e-6)
     assert torch.equal(y[~keep], r[~keep])  # dropped elements are exactly 0 before the residual add
-    # backward: the recompute redraws the forward's mask from the saved seed
+    # backward: the generated backward kernel redraws the forward's mask from the saved seed
+    assert kernel["backward"] == "generated" and KERNELS[kernel["name"]].calls["backward"] >= 1
     y_ref.backward(torch.ones_like(y_ref) * 0.5)
     torch.testing.assert_close(gx, xr.grad, rtol=1e-5, atol=1e-6)
     assert (gx[~keep] == 0).all()
@@ -662,3 +663,25 @@ def test_large_kernel_outputs_are_advised_huge_pages(monkeypatch):
     monkeypatch.setenv("DSC_THP", "0")
     cpu.empty((16384, 1024), torch.float32)
     assert not calls
+
+
+def test_pointwise_backward_kernel_writes_each_distinct_gradient_once():
+    """x + bias -> GELU -> dropout -> + r: the backward kernel writes one tensor, x's gradient; the
+    bias gradient is that tensor summed over rows, and r's is the incoming gradient itself (a
+    residual add passes it through, as in eager: no copy)."""
+    torch.manual_seed(0)
+    module = BiasGeluDropoutResidual(p=0.1)
+    x, r = inputs("residual_relu", torch.float32)
+    compiled = dsc.compile(module, {"fusion": {"enabled": True}}, example_inputs=(x, r))
+    (entry,) = compiled.report()["kernels"]
+    kernel = KERNELS[entry["name"]]
+    spec = kernel.params["grad"]
+    assert entry["backward"] == "generated" and len(spec["outputs"]) == 1
+    assert spec["grads"] == [("out", 0), ("out", 0), ("dy", 0)]  # inputs: x, bias, r
+    src = open(entry["backward_source"]).read()
+    assert "v_gelu_erf_grad(" in src and src.count("v_dropout(") >= 2  # the mask, redrawn for the gradient
+    xr, rr = x.clone().requires_grad_(), r.clone().requires_grad_()
+    dy = torch.randn(x.shape)
+    compiled(xr, rr).backward(dy)
+    assert torch.equal(rr.grad, dy)
+    torch.testing.assert_close(module.bias.grad, xr.grad.sum(0), rtol=1e-5, atol=1e-4)
