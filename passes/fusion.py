@@ -517,9 +517,13 @@ class _Fused(torch.autograd.Function):
 def _backward(name: str, saved, n_in: int, autocast, grads) -> list:
     device, enabled, dtype = autocast
     kernel = KERNELS[name]
-    if kernel.has_backward and not enabled:  # a generated backward kernel
-        if kernel.pattern == "pointwise":
-            got = kernel.pointwise_backward(list(saved[:n_in]), list(saved[n_in:]), list(grads))
+    if kernel.has_backward and (not enabled or kernel.pattern == "pointwise"):  # a generated backward kernel
+        if kernel.pattern == "pointwise":  # inputs cast as the forward cast them under autocast
+            xs = list(saved[:n_in])
+            if enabled:
+                with torch.autocast(device, dtype=dtype):
+                    xs = kernel._autocast_inputs(xs)
+            got = kernel.pointwise_backward(xs, list(saved[n_in:]), list(grads))
         else:
             got = kernel.backward(list(saved[:n_in]), grads[0]) if grads[0] is not None else None
         if got is not None:

@@ -524,8 +524,9 @@ def test_triton_without_gpu_or_interpreter_is_declined(monkeypatch):
 @pytest.mark.slow
 def test_bf16_autocast_training_with_fusion_matches_eager_autocast(tmp_path):
     """precision bf16 (the graph runs under autocast): fused groups run in the dtype autocast would
-    give their outputs (LayerNorm/RMSNorm in fp32, bf16 pointwise chains in bf16) and backward
-    recomputes under the same autocast state; within the bf16 bound of the ZeRO tests."""
+    give their outputs (LayerNorm/RMSNorm in fp32, bf16 pointwise chains in bf16); pointwise
+    groups' generated backward casts the saved inputs the same way, the norms recompute under the
+    same autocast state; within the bf16 bound of the ZeRO tests."""
     from test_parity_dp import LOW_TOL
 
     ref_losses, ref_state, _, _ = eager_reference("hf_llama", 2, "bf16")
@@ -535,6 +536,8 @@ def test_bf16_autocast_training_with_fusion_matches_eager_autocast(tmp_path):
             "--precision", "bf16", "--out", str(out))
     res = torch.load(out, weights_only=False)[2]
     assert res["kernel_calls"] and all(c["kernel"] > 0 for c in res["kernel_calls"].values())
+    pointwise = [k["name"] for k in res["report"]["kernels"] if k["pattern"] == "pointwise"]
+    assert any(res["kernel_calls"][k]["backward"] > 0 for k in pointwise)  # SwiGLU's, under autocast
     tol = LOW_TOL["bf16"]
     torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=tol, atol=0)
     for k, v in ref_state.items():
