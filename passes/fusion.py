@@ -817,11 +817,24 @@ def _pointwise_params(group: Group, lang: str = "c") -> dict:
     return params
 
 
+# op -> the gradient of its one tensor input, from that input {x}, the op's value {y} and the
+# gradient {g} flowing into it (C expressions; eager's formulas, torch's derivatives.yaml)
+_UNARY_GRADS = {
+    aten.neg.default: "(-{g})", aten.relu.default: "({y} > 0.0f ? {g} : 0.0f)",
+    aten.silu.default: "({g} * v_silu_grad({x}))", aten.sigmoid.default: "({g} * {y} * (1.0f - {y}))",
+    aten.tanh.default: "({g} * (1.0f - {y} * {y}))", aten.exp.default: "({g} * {y})",
+    aten.rsqrt.default: "(-0.5f * {g} * {y} * {y} * {y})", aten.sqrt.default: "({g} * 0.5f / {y})",
+    aten.clone.default: "{g}", aten.alias.default: "{g}", aten.contiguous.default: "{g}",
+    aten.to.dtype: "{g}", aten._to_copy.default: "{g}",
+}
+_POW_GRADS = {2.0: "({g} * 2.0f * {x})", 3.0: "({g} * 3.0f * {x} * {x})", 1.0: "{g}", 0.5: "({g} * 0.5f / {y})",
+              -1.0: "(-{g} * {y} * {y})", -0.5: "(-0.5f * {g} * {y} * {y} * {y})"}
+
+
 def _grad_terms(n: torch.fx.Node, a: list, y: str, g: str, drop: str | None) -> list | None:
     """Reverse-mode rule of one op: [(argument index, its gradient as a C expression)] given the
     argument expressions `a` (strings for tensors, raw scalars otherwise), the op's value `y` and
-    the gradient `g` flowing into it; None when there is no rule (the group then recomputes). The
-    formulas are eager's (torch's derivatives.yaml); GELU's are in common.h.j2."""
+    the gradient `g` flowing into it; None when there is no rule (the group then recomputes)."""
     t, kw, L = n.target, n.kwargs, _lit_c
     if t in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar):
         alpha = kw.get("alpha", 1)
@@ -834,35 +847,13 @@ def _grad_terms(n: torch.fx.Node, a: list, y: str, g: str, drop: str | None) -> 
         return [(0, f"({g} / {d})"), (1, f"(-{g} * {y} / {d})")]
     if t is aten.rsub.Scalar and kw.get("alpha", 1) == 1:
         return [(0, f"(-{g})")]
-    if t is aten.neg.default:
-        return [(0, f"(-{g})")]
-    if t is aten.relu.default:
-        return [(0, f"({y} > 0.0f ? {g} : 0.0f)")]
-    if t is aten.gelu.default:
+    if t is aten.gelu.default:  # the derivatives of torch's gelu_backward, in common.h.j2
         fn = "v_gelu_tanh_grad" if kw.get("approximate", "none") == "tanh" else "v_gelu_erf_grad"
         return [(0, f"({g} * {fn}({a[0]}))")]
-    if t is aten.silu.default:
-        return [(0, f"({g} * v_silu_grad({a[0]}))")]
-    if t is aten.sigmoid.default:
-        return [(0, f"({g} * {y} * (1.0f - {y}))")]
-    if t is aten.tanh.default:
-        return [(0, f"({g} * (1.0f - {y} * {y}))")]
-    if t is aten.exp.default:
-        return [(0, f"({g} * {y})")]
-    if t is aten.rsqrt.default:
-        return [(0, f"(-0.5f * {g} * {y} * {y} * {y})")]
-    if t is aten.sqrt.default:
-        return [(0, f"({g} * 0.5f / {y})")]
-    if t is aten.pow.Tensor_Scalar:
-        x, e = a[0], float(a[1])
-        rules = {2.0: f"({g} * 2.0f * {x})", 3.0: f"({g} * 3.0f * {x} * {x})", 1.0: g,
-                 0.5: f"({g} * 0.5f / {y})", -1.0: f"(-{g} * {y} * {y})", -0.5: f"(-0.5f * {g} * {y} * {y} * {y})"}
-        return [(0, rules[e])] if e in rules else None
     if t is aten.dropout.default:
         return [(0, f"v_dropout({g}, {drop})" if drop else g)]  # the forward's mask, redrawn
-    if t in (aten.clone.default, aten.alias.default, aten.contiguous.default, aten.to.dtype, aten._to_copy.default):
-        return [(0, g)]
-    return None
+    rule = _POW_GRADS.get(float(a[1])) if t is aten.pow.Tensor_Scalar else _UNARY_GRADS.get(t)
+    return [(0, rule.format(x=a[0], y=y, g=g))] if rule else None
 
 
 def _pointwise_grad(group: Group, body: list, env: dict, drops: dict) -> dict | None:
@@ -978,14 +969,14 @@ def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
             kinds = [_kind(_val(x).shape, space) for x in grp.inputs]
         else:
             kinds = ["full" for _ in grp.inputs]
-        ops = "-".join(dict.fromkeys(_short(n.target) for n in grp.nodes if n.target in TRANSCENDENTAL
-                                     or grp.pattern != "pointwise"))
+        ops = "_".join(dict.fromkeys(_short(n.target).replace("_", "") for n in grp.nodes  # a C identifier
+                                     if n.target in TRANSCENDENTAL or grp.pattern != "pointwise"))
         dtype = _val(grp.outputs[0]).dtype
         what = (backend, grp.pattern, grp.params, kinds, space, str(dtype), [_short(n.target) for n in grp.nodes])
         if backend == "cpu":  # compiled in: the streaming-store threshold and bf16 pairs (common.h.j2)
             what += (cpu.nt_bytes(), cpu.pairs())
         digest = hashlib.sha256(repr(what).encode()).hexdigest()[:8]  # same computation -> same kernel
-        name = f"{grp.pattern}_{ops.replace('_', '')[:24] + '_' if grp.pattern == 'pointwise' and ops else ''}{digest}"
+        name = f"{grp.pattern}_{ops[:24].rstrip('_') + '_' if grp.pattern == 'pointwise' and ops else ''}{digest}"
         kernel = KERNELS.get(name) or Kernel(name, grp, ref, kinds, space, cols, backend)
         try:
             src = kernel.build(dtype)
