@@ -21,14 +21,17 @@ Patterns (plan `fusion.patterns`):
 - rmsnorm: the decomposed RMSNorm of Llama-style models (pow 2, mean, add eps, rsqrt, mul, weight).
 - softmax: softmax over the last dimension with an optional scale and additive mask prologue.
 
-Backward (when autocast is off): LayerNorm (without the residual add) and RMSNorm kernels have
-a generated backward kernel (codegen/templates/rownorm_bwd.c.j2, and rownorm_bwd.py.j2 for
-Triton: dx and the weight/bias gradients in one pass). On the CPU, so do pointwise groups whose
-every op has a derivative rule (`_grad_terms`: all of the above): the backward is itself a
+Backward: LayerNorm (without the residual add) and RMSNorm kernels have a generated backward
+kernel when autocast is off (codegen/templates/rownorm_bwd.c.j2, and rownorm_bwd.py.j2 for
+Triton: dx and the weight/bias gradients in one pass); on the CPU so does softmax
+(softmax_bwd.c.j2: the probabilities recomputed per row, then y * (dy - sum(dy * y))), unless its
+mask needs a gradient. On the CPU, pointwise groups whose every op has a derivative rule
+(`_grad_terms`: all of the above) have one too, under autocast as well: the backward is itself a
 pointwise kernel (pointwise.c.j2) that recomputes the forward's values from the saved inputs and
-applies the rules in reverse, one pass over memory; a broadcast input's gradient (a bias) is
-then summed to its shape by torch, as eager does. Every other fused op's gradient recomputes the
-group's original (unfused) ops from the saved inputs under autograd. Only the inputs are saved.
+applies the rules in reverse, one pass over memory; a broadcast input's gradient (a bias) is then
+summed to its shape by torch, as eager does. Every other fused op's gradient (the residual +
+LayerNorm kernel, Triton's pointwise groups and softmax) recomputes the group's original (unfused)
+ops from the saved inputs under autograd. Only the inputs are saved.
 
 Dropout (p > 0, training) draws from a counter-based RNG instead of torch's generator: element i
 of a call with seed s is kept when a hash of (s, i) clears p (codegen/templates/common.h.j2). The
@@ -58,6 +61,7 @@ from dsc.pass_manager import CompileContext, PassResult
 
 aten = torch.ops.aten
 PATTERNS = ("pointwise", "layernorm", "rmsnorm", "softmax")
+SOFTMAX_ROW = 8192  # the longest row a softmax backward kernel takes (DSC_ROW in softmax_bwd.c.j2)
 
 
 def _lit_c(v) -> str:
@@ -314,10 +318,18 @@ class Kernel:
     def has_backward(self) -> bool:
         if self.pattern == "pointwise":
             return self.backend == "cpu" and self.params.get("grad") is not None
+        if self.pattern == "softmax":  # rows that fit the kernel's row buffer (softmax_bwd.c.j2)
+            return self.backend == "cpu" and self.cols <= SOFTMAX_ROW
         return self.pattern in ("layernorm", "rmsnorm") and not self.params.get("has_residual")
 
     def build_backward(self, dtype: torch.dtype) -> str:
         """Compile (or find in the cache) the backward kernel for `dtype`; returns its source path."""
+        if self.pattern == "softmax":
+            src = cpu.render("softmax_bwd.c.j2", name=self.name, dtype=cpu.DTYPES[dtype],
+                             replaced=", ".join(self.replaced), has_mask=self.params["has_mask"])
+            fn, _, path = cpu.compile_kernel(src, f"{self.name}_bwd")
+            self._bwd[dtype] = (fn, None, str(path))
+            return str(path)
         if self.pattern == "pointwise":  # itself a pointwise kernel: inputs + output grads -> input grads
             grad = self.params["grad"]
             src = cpu.render("pointwise.c.j2", name=f"{self.name}_bwd", dtype=cpu.DTYPES[dtype],
@@ -341,6 +353,16 @@ class Kernel:
         self._bwd[dtype] = (fn, red, str(path))
         return str(path)
 
+    def _backward_kernel(self, dtype: torch.dtype):
+        """(kernel, reduce kernel or None, source) of the backward for `dtype`, built on first use;
+        None when the compiler refused it (the caller recomputes from then on)."""
+        if dtype not in self._bwd:
+            try:
+                self.build_backward(dtype)
+            except cache.CompileError:
+                self._bwd[dtype] = None
+        return self._bwd[dtype]
+
     def pointwise_backward(self, xs: list, seeds: list, grads: list) -> list | None:
         """A pointwise group's input gradients from its generated backward kernel (the forward's
         inputs and the outputs' gradients in, one gradient per input over the iteration space out,
@@ -350,14 +372,10 @@ class Kernel:
                 [tuple(x.shape) for x in xs] != self.input_shapes or \
                 any(g is not None and (g.dtype != dtype or tuple(g.shape) != self.shape) for g in grads):
             return None
-        if dtype not in self._bwd:
-            try:
-                self.build_backward(dtype)
-            except cache.CompileError:
-                self._bwd[dtype] = None
-        if self._bwd[dtype] is None:
+        built = self._backward_kernel(dtype)
+        if built is None:
             return None
-        fn, spec = self._bwd[dtype][0], self.params["grad"]
+        fn, spec = built[0], self.params["grad"]
         xs = [x.contiguous() for x in xs]
         grads = [g.contiguous() if g is not None else torch.zeros(self.shape, dtype=dtype) for g in grads]
         outs = [cpu.empty(self.shape, dtype) for _ in spec["outputs"]]
@@ -369,6 +387,28 @@ class Kernel:
         got = [None if src is None else (outs if src[0] == "out" else grads)[src[1]] for src in spec["grads"]]
         return [g if g is None or kind == "full" else g.sum_to_size(x.shape) for g, x, kind in zip(got, xs, self.kinds)]
 
+    def softmax_backward(self, xs: list, dy: torch.Tensor, needs: tuple) -> list | None:
+        """The input's gradient from the generated softmax backward kernel (the probabilities are
+        recomputed from x and the mask), or None when it does not apply: other dtypes or shapes, or
+        a mask that needs a gradient of its own (then the caller recomputes)."""
+        x, mask = (list(xs) + [None])[:2]
+        dtype = x.dtype
+        if dtype not in cpu.DTYPES or dy.dtype != dtype or x.device.type != "cpu" or \
+                tuple(x.shape) != self.input_shapes[0] or (mask is not None and (mask.dtype != dtype or needs[1])):
+            return None
+        built = self._backward_kernel(dtype)
+        if built is None:
+            return None
+        x, dy = x.contiguous(), dy.contiguous()
+        mask = mask.contiguous() if mask is not None else None
+        dx = cpu.empty(x.shape, dtype)
+        rows = max(1, _numel(self.shape) // max(self.cols, 1))
+        mask_rows = max(1, mask.numel() // self.cols) if mask is not None else 1
+        built[0](cpu.ptr(x), cpu.ptr(mask), cpu.ptr(dy), cpu.ptr(dx), _i64(rows), _i64(self.cols),
+                 _i64(mask_rows), _f32(self.params["scale"]))
+        self.calls["backward"] += 1
+        return [dx, None][:len(xs)]
+
     def backward(self, xs: list, dy: torch.Tensor) -> list | None:
         """The inputs' gradients from the generated backward kernel, or None when it does not
         apply (then the caller recomputes the unfused ops)."""
@@ -377,14 +417,10 @@ class Kernel:
         if not self.has_backward or dtype not in cpu.DTYPES or dy.dtype != dtype or x.device.type != self._device(x) or \
                 tuple(x.shape) != self.input_shapes[0] or any(t is not None and t.dtype != dtype for t in (w, b)):
             return None
-        if dtype not in self._bwd:
-            try:
-                self.build_backward(dtype)
-            except cache.CompileError:  # the compiler refused it: recompute from now on
-                self._bwd[dtype] = None
-        if self._bwd[dtype] is None:
+        built = self._backward_kernel(dtype)
+        if built is None:
             return None
-        fn, red, _ = self._bwd[dtype]
+        fn, red, _ = built
         cols = self.cols
         rows = max(1, _numel(self.shape) // max(cols, 1))
         if self.backend == "triton":  # Triton compiles at the first launch: a refusal recomputes from then on
@@ -511,10 +547,10 @@ class _Fused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, *_backward(ctx.name, ctx.saved_tensors, ctx.n_in, ctx.autocast, grads))
+        return (None, *_backward(ctx.name, ctx.saved_tensors, ctx.n_in, ctx.autocast, grads, ctx.needs_input_grad[1:]))
 
 
-def _backward(name: str, saved, n_in: int, autocast, grads) -> list:
+def _backward(name: str, saved, n_in: int, autocast, grads, needs: tuple) -> list:
     device, enabled, dtype = autocast
     kernel = KERNELS[name]
     if kernel.has_backward and (not enabled or kernel.pattern == "pointwise"):  # a generated backward kernel
@@ -524,6 +560,8 @@ def _backward(name: str, saved, n_in: int, autocast, grads) -> list:
                 with torch.autocast(device, dtype=dtype):
                     xs = kernel._autocast_inputs(xs)
             got = kernel.pointwise_backward(xs, list(saved[n_in:]), list(grads))
+        elif kernel.pattern == "softmax":
+            got = kernel.softmax_backward(list(saved[:n_in]), grads[0], needs) if grads[0] is not None else None
         else:
             got = kernel.backward(list(saved[:n_in]), grads[0]) if grads[0] is not None else None
         if got is not None:

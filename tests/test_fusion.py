@@ -713,3 +713,33 @@ def test_every_pointwise_derivative_rule_matches_float64(dtype):
     assert KERNELS[kernel["name"]].calls["backward"] >= 1
     _, _, grads_ref = run(ManyOps(), xs, fused=False)
     _assert_grads_as_accurate_as_eager(ManyOps, xs, grads, grads_ref, dtype)
+
+
+def test_softmax_backward_kernel_and_a_mask_that_needs_a_gradient():
+    """Softmax's generated backward recomputes the probabilities from x and the mask; a mask that
+    needs a gradient itself (a learned bias) sends the call to the recompute, which gives it one."""
+    build, _ = PATTERNS["softmax"]
+    x, mask = inputs("softmax", torch.float32)
+    mask = torch.randn(COLS).requires_grad_()  # finite: a learned additive bias
+    torch.manual_seed(0)
+    module = build()
+    compiled = dsc.compile(module, {"fusion": {"enabled": True}}, example_inputs=(x, mask.detach()))
+    (entry,) = compiled.report()["kernels"]
+    kernel = KERNELS[entry["name"]]
+    assert entry["backward"] == "generated" and "dz = y * (dy - sum(dy * y))" in open(entry["backward_source"]).read()
+    xr = x.clone().requires_grad_()
+    dy = torch.randn(x.shape)
+    calls = kernel.calls["backward"]
+    compiled(xr, mask.detach()).backward(dy)  # the mask needs no gradient: the kernel
+    assert kernel.calls["backward"] == calls + 1
+    xe = x.clone().requires_grad_()
+    module(xe, mask.detach()).backward(dy)
+    torch.testing.assert_close(xr.grad, xe.grad, rtol=1e-5, atol=1e-6)
+    xr.grad = None
+    compiled(xr, mask).backward(dy)  # now it does: recomputed, both gradients eager's
+    assert kernel.calls["backward"] == calls + 1
+    m2 = mask.detach().clone().requires_grad_()
+    xe.grad = None
+    module(xe, m2).backward(dy)
+    torch.testing.assert_close(xr.grad, xe.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mask.grad, m2.grad, rtol=1e-5, atol=1e-5)
