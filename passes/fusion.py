@@ -30,15 +30,15 @@ mask needs a gradient. On the CPU, pointwise groups whose every op has a derivat
 pointwise kernel (pointwise.c.j2) that recomputes the forward's values from the saved inputs and
 applies the rules in reverse, one pass over memory; a broadcast input's gradient (a bias) is then
 summed to its shape by torch, as eager does. Every other fused op's gradient (the residual +
-LayerNorm kernel, Triton's pointwise groups and softmax) recomputes the group's original (unfused)
-ops from the saved inputs under autograd. Only the inputs are saved.
+LayerNorm kernel, and Triton's pointwise and softmax kernels) recomputes the group's original
+(unfused) ops from the saved inputs under autograd. Only the inputs are saved.
 
 Dropout (p > 0, training) draws from a counter-based RNG instead of torch's generator: element i
 of a call with seed s is kept when a hash of (s, i) clears p (codegen/templates/common.h.j2). The
 seed is drawn from torch's default generator once per call (so `torch.manual_seed` makes runs
 repeatable) and returned as the op's last output; backward rebuilds the same mask from it (in
-the backward kernel, or in PyTorch ops, `dropout_keep`, when it recomputes). The masks are not eager's: they have the same distribution, not
-the same draws.
+the backward kernel, or in PyTorch ops, `dropout_keep`, when it recomputes). The masks are not
+eager's: they have the same distribution, not the same draws.
 """
 
 from __future__ import annotations
@@ -307,13 +307,18 @@ class Kernel:
         self.sources[dtype] = str(src)
         return str(src)
 
+    @property
+    def rows(self) -> int:
+        """The iteration space's rows: leading dimensions flattened."""
+        return max(1, _numel(self.shape) // max(self.cols, 1))
+
     def _device(self, t: torch.Tensor) -> str:
         """The device type this kernel runs on for tensor `t`: Triton takes CUDA tensors (or CPU ones
         under TRITON_INTERPRET=1), the C backend CPU tensors."""
         return "cuda" if self.backend == "triton" and t.is_cuda else "cpu"
 
-    # -- generated backward (LayerNorm, RMSNorm, and on the CPU pointwise groups whose every op has a
-    # derivative rule; other groups recompute their unfused ops) ----------------------------------
+    # -- generated backward (LayerNorm, RMSNorm; on the CPU also softmax and the pointwise groups
+    # whose every op has a derivative rule; other groups recompute their unfused ops) -------------
     @property
     def has_backward(self) -> bool:
         if self.pattern == "pointwise":
@@ -380,8 +385,7 @@ class Kernel:
         grads = [g.contiguous() if g is not None else torch.zeros(self.shape, dtype=dtype) for g in grads]
         outs = [cpu.empty(self.shape, dtype) for _ in spec["outputs"]]
         if outs:
-            rows = max(1, _numel(self.shape) // max(self.cols, 1))
-            fn(*[cpu.ptr(t) for t in (*xs, *grads, *outs)], _i64(rows), _i64(self.cols),
+            fn(*[cpu.ptr(t) for t in (*xs, *grads, *outs)], _i64(self.rows), _i64(self.cols),
                *[ctypes.c_uint32(int(t)) for t in seeds])
             self.calls["backward"] += 1
         got = [None if src is None else (outs if src[0] == "out" else grads)[src[1]] for src in spec["grads"]]
@@ -402,9 +406,8 @@ class Kernel:
         x, dy = x.contiguous(), dy.contiguous()
         mask = mask.contiguous() if mask is not None else None
         dx = cpu.empty(x.shape, dtype)
-        rows = max(1, _numel(self.shape) // max(self.cols, 1))
         mask_rows = max(1, mask.numel() // self.cols) if mask is not None else 1
-        built[0](cpu.ptr(x), cpu.ptr(mask), cpu.ptr(dy), cpu.ptr(dx), _i64(rows), _i64(self.cols),
+        built[0](cpu.ptr(x), cpu.ptr(mask), cpu.ptr(dy), cpu.ptr(dx), _i64(self.rows), _i64(self.cols),
                  _i64(mask_rows), _f32(self.params["scale"]))
         self.calls["backward"] += 1
         return [dx, None][:len(xs)]
@@ -422,7 +425,7 @@ class Kernel:
             return None
         fn, red, _ = built
         cols = self.cols
-        rows = max(1, _numel(self.shape) // max(cols, 1))
+        rows = self.rows
         if self.backend == "triton":  # Triton compiles at the first launch: a refusal recomputes from then on
             try:
                 dx, dw, db = fn(x.contiguous(), w, dy.contiguous(), rows, cols, float(self.params["eps"]))
@@ -467,7 +470,7 @@ class Kernel:
             fn = self.compiled[dtype]
         self.calls["kernel"] += 1
         xs = [x.contiguous() if x is not None else None for x in xs]
-        rows = max(1, _numel(self.shape) // max(self.cols, 1))
+        rows = self.rows
         outs = [self._output(i, dtype, tensors[0].device) for i in range(self.n_out)]
         if self.backend == "triton":
             fn(xs, outs, rows, self.cols, **({"seed": seeds[0]} if seeds else {}), **self.params)
