@@ -368,6 +368,26 @@ class Kernel:
                 self._bwd[dtype] = None
         return self._bwd[dtype]
 
+    def generated_backward(self, saved, n_in: int, grads, needs: tuple, autocast) -> list | None:
+        """The inputs' gradients from this group's generated backward kernel, or None when there
+        is none or it does not apply (the caller then recomputes the unfused ops). `saved` holds
+        the forward's inputs, then the dropout seed if any; under autocast only pointwise groups
+        take the kernel, with the inputs cast as the forward cast them."""
+        device, enabled, dtype = autocast
+        if not self.has_backward or (enabled and self.pattern != "pointwise"):
+            return None
+        xs = list(saved[:n_in])
+        if self.pattern == "pointwise":
+            if enabled:
+                with torch.autocast(device, dtype=dtype):
+                    xs = self._autocast_inputs(xs)
+            return self.pointwise_backward(xs, list(saved[n_in:]), list(grads))
+        if grads[0] is None:
+            return None
+        if self.pattern == "softmax":
+            return self.softmax_backward(xs, grads[0], needs)
+        return self.norm_backward(xs, grads[0])
+
     def pointwise_backward(self, xs: list, seeds: list, grads: list) -> list | None:
         """A pointwise group's input gradients from its generated backward kernel (the forward's
         inputs and the outputs' gradients in, one gradient per input over the iteration space out,
@@ -412,12 +432,12 @@ class Kernel:
         self.calls["backward"] += 1
         return [dx, None][:len(xs)]
 
-    def backward(self, xs: list, dy: torch.Tensor) -> list | None:
-        """The inputs' gradients from the generated backward kernel, or None when it does not
-        apply (then the caller recomputes the unfused ops)."""
+    def norm_backward(self, xs: list, dy: torch.Tensor) -> list | None:
+        """LayerNorm's or RMSNorm's input, weight and bias gradients from the generated backward
+        kernel, or None when it does not apply (then the caller recomputes the unfused ops)."""
         x, w, b = (list(xs) + [None, None])[:3]
         dtype = x.dtype
-        if not self.has_backward or dtype not in cpu.DTYPES or dy.dtype != dtype or x.device.type != self._device(x) or \
+        if dtype not in cpu.DTYPES or dy.dtype != dtype or x.device.type != self._device(x) or \
                 tuple(x.shape) != self.input_shapes[0] or any(t is not None and t.dtype != dtype for t in (w, b)):
             return None
         built = self._backward_kernel(dtype)
@@ -556,19 +576,9 @@ class _Fused(torch.autograd.Function):
 def _backward(name: str, saved, n_in: int, autocast, grads, needs: tuple) -> list:
     device, enabled, dtype = autocast
     kernel = KERNELS[name]
-    if kernel.has_backward and (not enabled or kernel.pattern == "pointwise"):  # a generated backward kernel
-        if kernel.pattern == "pointwise":  # inputs cast as the forward cast them under autocast
-            xs = list(saved[:n_in])
-            if enabled:
-                with torch.autocast(device, dtype=dtype):
-                    xs = kernel._autocast_inputs(xs)
-            got = kernel.pointwise_backward(xs, list(saved[n_in:]), list(grads))
-        elif kernel.pattern == "softmax":
-            got = kernel.softmax_backward(list(saved[:n_in]), grads[0], needs) if grads[0] is not None else None
-        else:
-            got = kernel.backward(list(saved[:n_in]), grads[0]) if grads[0] is not None else None
-        if got is not None:
-            return got
+    got = kernel.generated_backward(saved, n_in, grads, needs, autocast)
+    if got is not None:
+        return got
     xs = [x.detach().requires_grad_(x.is_floating_point()) if x is not None else None for x in saved[:n_in]]
     # otherwise recompute as forward ran: under the same autocast
     with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
@@ -880,8 +890,8 @@ def _grad_terms(n: torch.fx.Node, a: list, y: str, g: str, drop: str | None) -> 
     t, kw, L = n.target, n.kwargs, _lit_c
     if t in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar):
         alpha = kw.get("alpha", 1)
-        sign = "-" if t in (aten.sub.Tensor, aten.sub.Scalar) else ""
-        return [(0, g), (1, g if alpha == 1 and not sign else f"({sign}{g})" if alpha == 1 else f"({sign}{L(alpha)} * {g})")]
+        second = g if alpha == 1 else f"({L(alpha)} * {g})"
+        return [(0, g), (1, f"(-{second})" if t in (aten.sub.Tensor, aten.sub.Scalar) else second)]
     if t in (aten.mul.Tensor, aten.mul.Scalar):
         return [(0, f"({g} * {_args([a[1]], L)[0]})"), (1, f"({g} * {_args([a[0]], L)[0]})")]
     if t in (aten.div.Tensor, aten.div.Scalar):
