@@ -121,6 +121,7 @@ class CompiledModel(nn.Module):
         self._program: RankProgram | None = None
         self._captured = None
         self._eval_gm = None
+        self._eval_check = None
         self._eval_fusion = None  # the fusion pass's record for the eval graph, once built
         self._engine: ZeroEngine | None = None
         self._device: str | None = None
@@ -178,11 +179,14 @@ class CompiledModel(nn.Module):
             self._compile(args, kwargs)
         if not self.training and self._captured.training:
             graph, hooks = self._eval_graph(args, kwargs), contextlib.nullcontext()
+            check = self._eval_check
             if isinstance(self._engine, Zero3Engine):
                 hooks = self._engine.forward_context(graph.meta["dsc.gather_order"])
         else:
-            graph = self._program.gm
+            graph, check = self._program.gm, self._captured.check
             hooks = self._engine.forward_context() if self._engine is not None else contextlib.nullcontext()
+        if check is not None:
+            check(args, kwargs)
         with hooks, autocast(self._plan.precision, self._device_type()), fused_inference(not torch.is_grad_enabled()):
             return graph(*args, **kwargs)
 
@@ -199,7 +203,8 @@ class CompiledModel(nn.Module):
             was = self._model.training
             self._model.eval()
             try:
-                gm = capture(self._model, args, kwargs).gm
+                cap = capture(self._model, args, kwargs)
+                gm, self._eval_check = cap.gm, cap.check
             finally:
                 self._model.train(was)
             ctx = CompileContext(self._plan, self.rank, self.world_size, rank_coords(self._plan, self.rank))

@@ -43,7 +43,6 @@ eager's: they have the same distribution, not the same draws.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import operator
@@ -237,6 +236,7 @@ class Kernel:
         self._bwd: dict[torch.dtype, tuple | None] = {}  # dtype -> (backward fn, reduce fn, source), None: failed
         self._pool: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self._autocast: dict = {}  # input dtypes + autocast dtype -> dtype the kernel runs in
+        self._cargs: tuple | None = None  # the C kernel's constant arguments (_c_args)
 
     def _autocast_inputs(self, xs: list) -> list:
         """Under autocast, eager would run the group's ops with autocast's casts (LayerNorm in fp32,
@@ -470,16 +470,16 @@ class Kernel:
         return [dx, dw, db][:len(xs)]
 
     def __call__(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-
-        tensors = [x for x in xs if x is not None]
-        if torch.is_autocast_enabled(tensors[0].device.type):
+        first = xs[0] if xs[0] is not None else next(x for x in xs if x is not None)
+        if torch.is_autocast_enabled(first.device.type):
             xs = self._autocast_inputs(xs)
-            tensors = [x for x in xs if x is not None]
-        dtype = tensors[0].dtype
-        device = self._device(tensors[0])
-        usable = (dtype in cpu.DTYPES and all(x.dtype == dtype and x.device.type == device for x in tensors)
-                  and [tuple(x.shape) for x in tensors] == [s for s, x in zip(self.input_shapes, xs) if x is not None])
-        seeds = [torch.randint(0, 1 << 32, (), dtype=torch.int64, device=tensors[0].device)] if self.seeded else []
+            first = xs[0] if xs[0] is not None else next(x for x in xs if x is not None)
+        dtype = first.dtype
+        device = self._device(first)
+        usable = dtype in cpu.DTYPES and len(xs) == len(self.input_shapes) and all(
+            x is None or (x.dtype == dtype and x.device.type == device and x.shape == s)
+            for x, s in zip(xs, self.input_shapes))
+        seeds = [torch.randint(0, 1 << 32, (), dtype=torch.int64, device=first.device)] if self.seeded else []
         if not usable:
             self.calls["fallback"] += 1
             out = self.ref(*xs, *seeds)
@@ -490,28 +490,42 @@ class Kernel:
             fn = self.compiled[dtype]
         self.calls["kernel"] += 1
         xs = [x.contiguous() if x is not None else None for x in xs]
-        rows = self.rows
-        outs = [self._output(i, dtype, tensors[0].device) for i in range(self.n_out)]
+        outs = [self._output(i, dtype, first.device) for i in range(self.n_out)]
         if self.backend == "triton":
-            fn(xs, outs, rows, self.cols, **({"seed": seeds[0]} if seeds else {}), **self.params)
-        elif self.pattern == "pointwise":
-            fn(*[cpu.ptr(x) for x in xs], *[cpu.ptr(o) for o in outs], _i64(rows), _i64(self.cols),
-               *[ctypes.c_uint32(int(t)) for t in seeds])
+            fn(xs, outs, self.rows, self.cols, **({"seed": seeds[0]} if seeds else {}), **self.params)
+            return outs + seeds
+        # the C kernel's pointer arguments, in its order, then its constant arguments (made once)
+        if self.pattern == "pointwise":
+            ptrs = [*xs, *outs]
+        elif self.pattern in ("layernorm", "rmsnorm") and self.params.get("has_residual"):
+            ptrs = [xs[0], xs[1], outs[0], xs[2], xs[3], outs[1]]  # x, r -> h = x + r; w, b -> LN(h)
         elif self.pattern in ("layernorm", "rmsnorm"):
-            if self.params.get("has_residual"):  # inputs x, r, w, b; outputs h = x + r, LN(h)
-                x, r, w, b = xs
-                fn(cpu.ptr(x), cpu.ptr(r), cpu.ptr(outs[0]), cpu.ptr(w), cpu.ptr(b), cpu.ptr(outs[1]),
-                   _i64(rows), _i64(self.cols), _f32(self.params["eps"]))
-            else:
-                x, w, b = (xs + [None, None])[:3]
-                fn(cpu.ptr(x), cpu.ptr(w), cpu.ptr(b), cpu.ptr(outs[0]), _i64(rows), _i64(self.cols),
-                   _f32(self.params["eps"]))
+            ptrs = [*(xs + [None, None])[:3], outs[0]]  # x, w, b -> y
         else:
-            x, mask = (xs + [None])[:2]
-            mask_rows = max(1, mask.numel() // self.cols) if mask is not None else 1
-            fn(cpu.ptr(x), cpu.ptr(mask), cpu.ptr(outs[0]), _i64(rows), _i64(self.cols), _i64(mask_rows),
-               _f32(self.params["scale"]))
+            ptrs = [*(xs + [None])[:2], outs[0]]  # x, mask -> y
+        fn(*[p.data_ptr() if p is not None else None for p in ptrs], *self._c_args(fn, len(ptrs)),
+           *[ctypes.c_uint32(int(t)) for t in seeds])
         return outs + seeds
+
+    def _c_args(self, fn, n_ptrs: int) -> tuple:
+        """The C kernel's arguments after its pointers: sizes and the pattern's constants, which
+        the shapes fix. Made once, with the pointers' argtypes declared so that plain addresses
+        can be passed (making a c_void_p per pointer per call costs more than a small kernel)."""
+        args = self._cargs
+        if args is None:
+            rows, cols = _i64(self.rows), _i64(self.cols)
+            if self.pattern == "pointwise":
+                args = (rows, cols)
+            elif self.pattern in ("layernorm", "rmsnorm"):
+                args = (rows, cols, _f32(self.params["eps"]))
+            else:
+                mask_rows = max(1, _numel(self.input_shapes[1]) // self.cols) if len(self.input_shapes) > 1 else 1
+                args = (rows, cols, _i64(mask_rows), _f32(self.params["scale"]))
+            self._cargs = args
+        if fn.argtypes is None:
+            fn.argtypes = [ctypes.c_void_p] * n_ptrs + [type(a) for a in args] + \
+                ([ctypes.c_uint32] if self.seeded and self.pattern == "pointwise" else [])
+        return args
 
 
 def _numel(shape) -> int:
@@ -535,16 +549,22 @@ _state = threading.local()
 _state.inference = False
 
 
-@contextlib.contextmanager
-def inference(enabled: bool):
+class inference:  # noqa: N801 - used like a function: `with inference(not torch.is_grad_enabled()):`
     """Within this block, fused kernels may reuse output buffers (`enabled` = the caller runs
-    without autograd). `CompiledModel.forward` wraps every call in it."""
-    old = getattr(_state, "inference", False)
-    _state.inference = enabled
-    try:
-        yield
-    finally:
-        _state.inference = old
+    without autograd). `CompiledModel.forward` wraps every call in it: a class, since a
+    generator-based context manager costs a few microseconds a call."""
+
+    __slots__ = ("enabled", "old")
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        self.old = getattr(_state, "inference", False)
+        _state.inference = self.enabled
+
+    def __exit__(self, *exc):
+        _state.inference = self.old
 
 
 _LIB = torch.library.Library("dsc_fused", "FRAGMENT")

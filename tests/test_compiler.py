@@ -87,6 +87,39 @@ def test_capture_error_names_module_line_strategies_and_way_out():
     assert "way out" in msg
 
 
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x, factor: int = 2, extra=None):
+        y = self.lin(x) * factor
+        return y if extra is None else y + extra["bias"]
+
+
+def test_inputs_unlike_the_compiled_example_name_the_argument_and_the_way_out():
+    """The graph is specialised to the example inputs (sizes baked into its ops, constants into its
+    arithmetic): a call that differs is refused with the argument's name, not run with the
+    example's values."""
+    model = Scaled()
+    compiled = dsc.compile(model, {}, example_inputs=((torch.randn(4, 8), 3), {}))
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(compiled(x, 3), model(x, 3))  # the example's shapes and values run
+    with pytest.raises(ValueError, match=r"input 'x' is a tensor of shape \(5, 8\), but this model was "
+                                         r"compiled for a tensor of shape \(4, 8\).*compile again"):
+        compiled(torch.randn(5, 8), 3)
+    with pytest.raises(ValueError, match=r"input 'factor' is 4, but this model was compiled for 3"):
+        compiled(x, 4)  # export baked factor=3 into the graph: 4 would silently multiply by 3
+    with pytest.raises(ValueError, match=r"compiled for calls shaped like its example inputs \(2 positional "
+                                         r"arguments\); this call passes 2 positional arguments and keywords"):
+        compiled(x, 3, extra={"bias": torch.zeros(8)})
+
+    nested = dsc.compile(Scaled(), {}, example_inputs=((torch.randn(4, 8), 3), {"extra": {"bias": torch.zeros(8)}}))
+    nested(x, 3, extra={"bias": torch.ones(8)})
+    with pytest.raises(ValueError, match=r"input 'extra'\['bias'\] is a tensor of shape \(7,\)"):
+        nested(x, 3, extra={"bias": torch.ones(7)})
+
+
 def test_capture_keeps_parameter_names_and_module_stack():
     model = gpt()
     (x, y), _ = gpt_batch(dataset(1, 2))
