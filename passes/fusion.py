@@ -46,6 +46,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import operator
+import re
 import sys
 import threading
 import warnings
@@ -317,31 +318,34 @@ class Kernel:
         under TRITON_INTERPRET=1), the C backend CPU tensors."""
         return "cuda" if self.backend == "triton" and t.is_cuda else "cpu"
 
-    # -- generated backward (LayerNorm, RMSNorm; on the CPU also softmax and the pointwise groups
-    # whose every op has a derivative rule; other groups recompute their unfused ops) -------------
+    # -- generated backward (LayerNorm, RMSNorm, softmax and the pointwise groups whose every op has
+    # a derivative rule, in C and in Triton; the residual+LayerNorm group recomputes its ops) -----
     @property
     def has_backward(self) -> bool:
         if self.pattern == "pointwise":
-            return self.backend == "cpu" and self.params.get("grad") is not None
+            return self.params.get("grad") is not None
         if self.pattern == "softmax":  # rows that fit the kernel's row buffer (softmax_bwd.c.j2)
-            return self.backend == "cpu" and self.cols <= SOFTMAX_ROW
+            return self.cols <= SOFTMAX_ROW
         return self.pattern in ("layernorm", "rmsnorm") and not self.params.get("has_residual")
 
     def build_backward(self, dtype: torch.dtype) -> str:
         """Compile (or find in the cache) the backward kernel for `dtype`; returns its source path."""
+        triton = self.backend == "triton"
         if self.pattern == "softmax":
-            src = cpu.render("softmax_bwd.c.j2", name=self.name, dtype=cpu.DTYPES[dtype],
-                             replaced=", ".join(self.replaced), has_mask=self.params["has_mask"])
-            fn, _, path = cpu.compile_kernel(src, f"{self.name}_bwd")
-            self._bwd[dtype] = (fn, None, str(path))
-            return str(path)
-        if self.pattern == "pointwise":  # itself a pointwise kernel: inputs + output grads -> input grads
+            src = cpu.render("softmax_bwd.py.j2" if triton else "softmax_bwd.c.j2", name=self.name,
+                             dtype=cpu.DTYPES[dtype], replaced=", ".join(self.replaced), has_mask=self.params["has_mask"])
+        elif self.pattern == "pointwise":  # itself a pointwise kernel: inputs + output grads -> input grads
             grad = self.params["grad"]
-            src = cpu.render("pointwise.c.j2", name=f"{self.name}_bwd", dtype=cpu.DTYPES[dtype],
-                             replaced="the backward of " + ", ".join(self.replaced),
+            src = cpu.render("pointwise.py.j2" if triton else "pointwise.c.j2", name=f"{self.name}_bwd",
+                             dtype=cpu.DTYPES[dtype], replaced="the backward of " + ", ".join(self.replaced),
                              inputs=[*self.kinds, *["full"] * self.n_out], body=grad["body"],
                              outputs=grad["outputs"], seeded=self.seeded)
-            fn, _, path = cpu.compile_kernel(src, f"{self.name}_bwd")
+        if self.pattern in ("softmax", "pointwise"):
+            if triton:
+                mod, path = triton_backend.load(src)
+                fn = mod.launch_backward if self.pattern == "softmax" else mod.launch
+            else:
+                fn, _, path = cpu.compile_kernel(src, f"{self.name}_bwd")
             self._bwd[dtype] = (fn, None, str(path))
             return str(path)
         if self.backend == "triton":
@@ -393,7 +397,8 @@ class Kernel:
         inputs and the outputs' gradients in, one gradient per input over the iteration space out,
         summed to the input's shape where it was broadcast), or None when it does not apply."""
         dtype, grads = xs[0].dtype, grads[:self.n_out]  # (the seed's "gradient" is a zero scalar)
-        if dtype not in cpu.DTYPES or any(x.dtype != dtype or x.device.type != "cpu" for x in xs) or \
+        device = self._device(xs[0])
+        if dtype not in cpu.DTYPES or any(x.dtype != dtype or x.device.type != device for x in xs) or \
                 [tuple(x.shape) for x in xs] != self.input_shapes or \
                 any(g is not None and (g.dtype != dtype or tuple(g.shape) != self.shape) for g in grads):
             return None
@@ -402,9 +407,14 @@ class Kernel:
             return None
         fn, spec = built[0], self.params["grad"]
         xs = [x.contiguous() for x in xs]
-        grads = [g.contiguous() if g is not None else torch.zeros(self.shape, dtype=dtype) for g in grads]
-        outs = [cpu.empty(self.shape, dtype) for _ in spec["outputs"]]
-        if outs:
+        grads = [g.contiguous() if g is not None else torch.zeros(self.shape, dtype=dtype, device=xs[0].device)
+                 for g in grads]
+        outs = [self._empty(self.shape, dtype, xs[0].device) for _ in spec["outputs"]]
+        if outs and self.backend == "triton":
+            launch = lambda: fn([*xs, *grads], outs, self.rows, self.cols, **({"seed": seeds[0]} if seeds else {}))  # noqa: E731
+            if not self._launch_triton_backward(launch, dtype):
+                return None
+        elif outs:
             fn(*[cpu.ptr(t) for t in (*xs, *grads, *outs)], _i64(self.rows), _i64(self.cols),
                *[ctypes.c_uint32(int(t)) for t in seeds])
             self.calls["backward"] += 1
@@ -417,7 +427,7 @@ class Kernel:
         a mask that needs a gradient of its own (then the caller recomputes)."""
         x, mask = (list(xs) + [None])[:2]
         dtype = x.dtype
-        if dtype not in cpu.DTYPES or dy.dtype != dtype or x.device.type != "cpu" or \
+        if dtype not in cpu.DTYPES or dy.dtype != dtype or x.device.type != self._device(x) or \
                 tuple(x.shape) != self.input_shapes[0] or (mask is not None and (mask.dtype != dtype or needs[1])):
             return None
         built = self._backward_kernel(dtype)
@@ -425,12 +435,29 @@ class Kernel:
             return None
         x, dy = x.contiguous(), dy.contiguous()
         mask = mask.contiguous() if mask is not None else None
-        dx = cpu.empty(x.shape, dtype)
+        dx = self._empty(x.shape, dtype, x.device)
         mask_rows = max(1, mask.numel() // self.cols) if mask is not None else 1
+        if self.backend == "triton":
+            launch = lambda: built[0](x, mask, dy, dx, self.rows, self.cols, mask_rows, float(self.params["scale"]))  # noqa: E731
+            return [dx, None][:len(xs)] if self._launch_triton_backward(launch, dtype) else None
         built[0](cpu.ptr(x), cpu.ptr(mask), cpu.ptr(dy), cpu.ptr(dx), _i64(self.rows), _i64(self.cols),
                  _i64(mask_rows), _f32(self.params["scale"]))
         self.calls["backward"] += 1
         return [dx, None][:len(xs)]
+
+    def _launch_triton_backward(self, launch, dtype: torch.dtype) -> bool:
+        """Run a Triton backward kernel. Triton compiles at the first launch, so a compiler's
+        refusal shows up here: the group then recomputes from this call on (False), with a warning."""
+        try:
+            launch()
+        except Exception as exc:  # noqa: BLE001
+            if self.calls["backward"]:
+                raise  # it ran before: not a compile error
+            warnings.warn(f"{self.name}: the Triton backward kernel failed ({exc}); recomputing instead")
+            self._bwd[dtype] = None
+            return False
+        self.calls["backward"] += 1
+        return True
 
     def norm_backward(self, xs: list, dy: torch.Tensor) -> list | None:
         """LayerNorm's or RMSNorm's input, weight and bias gradients from the generated backward
@@ -446,17 +473,10 @@ class Kernel:
         fn, red, _ = built
         cols = self.cols
         rows = self.rows
-        if self.backend == "triton":  # Triton compiles at the first launch: a refusal recomputes from then on
-            try:
-                dx, dw, db = fn(x.contiguous(), w, dy.contiguous(), rows, cols, float(self.params["eps"]))
-            except Exception as exc:  # noqa: BLE001
-                if self.calls["backward"]:
-                    raise  # it ran before: not a compile error
-                warnings.warn(f"{self.name}: the Triton backward kernel failed ({exc}); recomputing instead")
-                self._bwd[dtype] = None
-                return None
-            self.calls["backward"] += 1
-            return [dx, dw, db][:len(xs)]
+        if self.backend == "triton":
+            got = []
+            launch = lambda: got.extend(fn(x.contiguous(), w, dy.contiguous(), rows, cols, float(self.params["eps"])))  # noqa: E731
+            return got[:len(xs)] if self._launch_triton_backward(launch, dtype) else None
         blocks = min(rows, 64)  # fixed, not per thread: the weight gradient's sum order never changes
         x, dy = x.contiguous(), dy.contiguous()
         dx = cpu.empty(x.shape, x.dtype)
@@ -866,8 +886,8 @@ def _reference(group: Group) -> torch.fx.GraphModule:
 
 
 def _pointwise_params(group: Group, lang: str = "c") -> dict:
-    """The group as straight-line code: one temporary per op, in graph order. For C, also its
-    backward (`grad`, see _pointwise_grad), or None where an op has no derivative rule."""
+    """The group as straight-line code (C or Triton's Python): one temporary per op, in graph order;
+    also its backward (`grad`, see _pointwise_grad), or None where an op has no derivative rule."""
     env, body, sites, drops = {}, [], 0, {}
     for i, x in enumerate(group.inputs):
         env[x] = f"v{i}"
@@ -883,16 +903,16 @@ def _pointwise_params(group: Group, lang: str = "c") -> dict:
         body.append(f"const float t{j} = {expr};" if lang == "c" else f"t{j} = {expr}")
         env[n] = f"t{j}"
     params = {"body": body, "outputs": [env[o] for o in group.outputs], "seeded": sites > 0}
-    if lang == "c":
-        params["grad"] = _pointwise_grad(group, body, env, drops)
+    params["grad"] = _pointwise_grad(group, body, env, drops, lang)
     return params
 
 
 # op -> the gradient of its one tensor input, from that input {x}, the op's value {y} and the
-# gradient {g} flowing into it (C expressions; eager's formulas, torch's derivatives.yaml, except
-# tanh's 1 - y*y, written (1 - y)(1 + y): no cancellation near |y| = 1)
+# gradient {g} flowing into it (eager's formulas, torch's derivatives.yaml, except tanh's 1 - y*y,
+# written (1 - y)(1 + y): no cancellation near |y| = 1). Written in C; `_in_lang` drops the `f`
+# of float literals for Triton, the rest (+ - * / and v_* helpers) reads the same in both.
 _UNARY_GRADS = {
-    aten.neg.default: "(-{g})", aten.relu.default: "({y} > 0.0f ? {g} : 0.0f)",
+    aten.neg.default: "(-{g})", aten.relu.default: "v_relu_grad({y}, {g})",
     aten.silu.default: "({g} * v_silu_grad({x}))", aten.sigmoid.default: "({g} * {y} * (1.0f - {y}))",
     aten.tanh.default: "({g} * ((1.0f - {y}) * (1.0f + {y})))", aten.exp.default: "({g} * {y})",
     aten.rsqrt.default: "(-0.5f * {g} * {y} * {y} * {y})", aten.sqrt.default: "({g} * 0.5f / {y})",
@@ -903,11 +923,21 @@ _POW_GRADS = {2.0: "({g} * 2.0f * {x})", 3.0: "({g} * 3.0f * {x} * {x})", 1.0: "
               -1.0: "(-{g} * {y} * {y})", -0.5: "(-0.5f * {g} * {y} * {y} * {y})"}
 
 
-def _grad_terms(n: torch.fx.Node, a: list, y: str, g: str, drop: str | None) -> list | None:
-    """Reverse-mode rule of one op: [(argument index, its gradient as a C expression)] given the
-    argument expressions `a` (strings for tensors, raw scalars otherwise), the op's value `y` and
-    the gradient `g` flowing into it; None when there is no rule (the group then recomputes)."""
-    t, kw, L = n.target, n.kwargs, _lit_c
+def _in_lang(expr: str, lang: str) -> str:
+    """A rule written in C, for `lang`: Triton's Python has no `f` suffix on float literals."""
+    return expr if lang == "c" else re.sub(r"(?<=[0-9.])f\b", "", expr)
+
+
+def _grad_terms(n: torch.fx.Node, a: list, y: str, g: str, drop: str | None, lang: str = "c") -> list | None:
+    """Reverse-mode rule of one op: [(argument index, its gradient as an expression in `lang`)]
+    given the argument expressions `a` (strings for tensors, raw scalars otherwise), the op's value
+    `y` and the gradient `g` flowing into it; None when there is no rule (the group recomputes)."""
+    rule = _grad_rule(n, a, y, g, drop, LITERALS[lang])
+    return None if rule is None else [(i, _in_lang(e, lang)) for i, e in rule]
+
+
+def _grad_rule(n: torch.fx.Node, a: list, y: str, g: str, drop: str | None, L) -> list | None:
+    t, kw = n.target, n.kwargs
     if t in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar):
         alpha = kw.get("alpha", 1)
         second = g if alpha == 1 else f"({L(alpha)} * {g})"
@@ -928,8 +958,8 @@ def _grad_terms(n: torch.fx.Node, a: list, y: str, g: str, drop: str | None) -> 
     return [(0, rule.format(x=a[0], y=y, g=g))] if rule else None
 
 
-def _pointwise_grad(group: Group, body: list, env: dict, drops: dict) -> dict | None:
-    """The group's backward as straight-line C: the forward's lines (recomputed from the saved
+def _pointwise_grad(group: Group, body: list, env: dict, drops: dict, lang: str = "c") -> dict | None:
+    """The group's backward as straight-line code: the forward's lines (recomputed from the saved
     inputs), then each op's rule in reverse order. The kernel's inputs are the forward's, then one
     gradient per output (v<n_in + k>); it writes each distinct input gradient once, over the whole
     iteration space (a broadcast input's is summed to its shape afterwards, as eager does).
@@ -949,9 +979,9 @@ def _pointwise_grad(group: Group, body: list, env: dict, drops: dict) -> dict | 
             alias[n] = total  # the gradient passes through unchanged: no new value
         else:
             alias[n] = f"g{j}"
-            lines.append(f"const float g{j} = {total};")
+            lines.append(f"const float g{j} = {total};" if lang == "c" else f"g{j} = {total}")
         rule = _grad_terms(n, [env.get(x, x) if isinstance(x, torch.fx.Node) else x for x in n.args],
-                           env[n], alias[n], drops.get(n))
+                           env[n], alias[n], drops.get(n), lang)
         if rule is None:
             return None
         for i, expr in rule:
