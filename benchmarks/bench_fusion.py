@@ -9,7 +9,8 @@ do -- on CPU a fresh buffer of 32 MiB or more costs page faults comparable to th
 ideal fused kernel must read and write / time, also as a fraction of this machine's copy bandwidth
 (measured here: `dst.copy_(src)` on the same number of bytes). The contenders take turns in rounds
 of 4 calls each (`--run-length`), so load from other processes hits them alike; compare ratios within a
-run.
+run. "dsc in cache" is the kernel alone on as many rows as fit in L2 (`in_cache_rate`): the
+arithmetic's ceiling. A pattern whose ceiling is near the copy bandwidth is compute-bound here.
 
 Then a whole transformer block (the example GPT's Block, or a transformers Llama decoder layer with
 --block llama) forward + backward: eager vs torch.compile vs dsc with fusion.
@@ -269,10 +270,46 @@ def bench_pattern(name, rows, cols, dtype, reps):
             src, dst = torch.randn(rows, cols).to(dtype), torch.empty(rows, cols, dtype=dtype)
             t = interleaved({**fns, "dsc_fresh": fresh, "copy": lambda: dst.copy_(src)}, reps)
             copy_rate = 2 * src.numel() * src.element_size() / t.pop("copy")
-            extra = {"copy_GBps": copy_rate / 1e9}
+            extra = {"copy_GBps": copy_rate / 1e9, "in_cache_GBps": in_cache_rate(module, xs, n_full + n_out) / 1e9}
     return {"pattern": name, "shape": f"{rows}x{cols}", "dtype": str(dtype).replace("torch.", ""),
             "bytes": ideal, "kernels": kernels, "max_abs_err_vs_eager": err, **extra,
             **{f"{k}_s": v for k, v in t.items()}, **{f"{k}_GBps": ideal / v / 1e9 for k, v in t.items()}}
+
+
+def in_cache_rate(module, xs, n_big: int, reps: int = 200) -> float:
+    """The dsc kernel's rate with its data in cache: a copy of the module compiled for as many rows
+    as keep its full-size operands within ~1 MiB (half of it per core, in L2), timed around the C
+    call alone (no Python around it), as bytes an ideal kernel moves per second. Memory cannot limit
+    this rate, only arithmetic can: where it is not well above the copy bandwidth, the pattern is
+    compute-bound on this machine and no kernel layout reaches the copy rate."""
+    import dsc
+    from dsc.passes.fusion import KERNELS
+
+    x0 = xs[0]
+    cols, elt = x0.shape[-1], x0.element_size()
+    rows = max(2, (1 << 20) // (n_big * cols * elt))
+    small = [x[:rows] if x.dim() == 2 and x.shape[0] == x0.shape[0] else x for x in xs]
+    fused = dsc.compile(module, {"fusion": {"enabled": True}}, example_inputs=tuple(small))
+    [k] = fused.report()["kernels"]
+    kernel = KERNELS[k["name"]]
+    with torch.no_grad():
+        fused(*small)  # builds the kernel and declares its argument types
+        fn, times = kernel.compiled[x0.dtype], []
+
+        def clocked(*args):
+            t0 = time.perf_counter()
+            fn(*args)
+            times.append(time.perf_counter() - t0)
+        clocked.argtypes = fn.argtypes
+        kernel.compiled[x0.dtype] = clocked
+        try:
+            for _ in range(reps):
+                fused(*small)
+        finally:
+            kernel.compiled[x0.dtype] = fn
+    ideal = elt * (rows * cols * n_big + sum(x.numel() for x in small if x.shape[0] != rows)
+                   + sum(p.numel() for p in module.parameters()))
+    return ideal / statistics.median(times)
 
 
 def bench_block(kind: str, dtype, reps: int, batch: int, seq: int):
@@ -398,12 +435,13 @@ def main() -> int:
                                                         for k in ("eager", "inductor", "dsc"))
                          if "dsc_call_s" in res else "")
                       + (f"  copy {res['copy_GBps']:5.1f} GB/s" if "copy_GBps" in res else "")
+                      + (f"  dsc in cache {res['in_cache_GBps']:5.1f} GB/s" if "in_cache_GBps" in res else "")
                       + f"  dsc/eager {res['eager_s'] / res['dsc_s']:.2f}x  dsc/inductor "
                         f"{res['inductor_s'] / res['dsc_s']:.2f}x  err {res['max_abs_err_vs_eager']:.1e}", flush=True)
     print(f"copy bandwidth (read + write), alone: {copy / 1e9:.1f} GB/s"
           + (" (the % columns use the copy timed in each pattern's rounds)" if DEVICE == "cpu" else "") + ", "
           + (torch.cuda.get_device_name() if DEVICE == "cuda" else f"{args.threads} threads"))
-    for dt in args.dtypes.split(","):  # forward + backward (every pattern has a generated backward on the CPU)
+    for dt in args.dtypes.split(","):  # forward + backward (every pattern has a generated backward kernel)
         for name in [n for n in args.patterns.split(",") if n in PATTERNS]:
             r, c = shapes[0]
             res = bench_backward(name, r, c, DTYPES[dt], args.reps)

@@ -769,3 +769,59 @@ def test_pointwise_backward_sums_scalar_and_per_row_gradients():
     # cancellation near |y| = 1 left a bias that did not average out (5.0e-6 relative vs eager's
     # 1.45e-7 for these inputs); (1 - y)(1 + y) is exact there and matches eager (1.45e-7)
     _assert_grads_as_accurate_as_eager(ScalarRowTanh, (x, row), grads, grads_ref, torch.float32)
+
+
+# helper -> (float64 reference, bound on the max relative error, bound on the max absolute error);
+# the bounds are the errors common.h.j2 states for 1e7 points in [-20, 20], rounded up a little
+_HELPERS = {
+    "v_exp": (torch.exp, 9e-8, None),
+    "v_erf": (torch.special.erf, 7e-7, 4e-7),
+    "v_tanh": (torch.tanh, 1.4e-7, 8e-8),
+    "v_sigmoid": (torch.sigmoid, 1.6e-7, 9e-8),
+    "v_silu": (lambda x: x * torch.sigmoid(x), 1.8e-7, None),
+    "v_gelu_erf": (lambda x: 0.5 * x * torch.special.erfc(-x / math.sqrt(2.0)), None, 1.1e-6),
+    "v_gelu_tanh": (lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))), None, 6e-7),
+}
+
+
+@pytest.mark.parametrize("helper", list(_HELPERS))
+def test_vectorized_math_helpers_stay_within_their_stated_error(helper):
+    """The polynomial exp/erf/tanh/... of common.h.j2, run the way kernels run them (inlined into
+    a vectorized loop), over 4M points in [-20, 20] and the special values, against float64."""
+    import ctypes
+
+    from dsc.codegen import cpu
+
+    ref, rel_bound, abs_bound = _HELPERS[helper]
+    src = cpu.render("pointwise.c.j2", name=f"probe_{helper}", dtype="f32", replaced="test", inputs=["full"],
+                     body=[f"const float t0 = {helper}(v0);"], outputs=["t0"], seeded=False)
+    fn, _, _ = cpu.compile_kernel(src, f"probe_{helper}")
+    specials = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-45, 30.0, -30.0, 87.0, -87.0, 88.5, -100.0,
+                             1e30, -1e30, float("inf"), float("-inf"), float("nan")])
+    x = torch.cat([torch.linspace(-20, 20, 1 << 22), specials])
+    y = torch.empty_like(x)
+    fn(cpu.ptr(x), cpu.ptr(y), ctypes.c_int64(1), ctypes.c_int64(x.numel()))
+    want = ref(x.double())
+    finite = torch.isfinite(x) & (x.abs() <= 20)
+    err = (y.double() - want).abs()[finite]
+    if abs_bound is not None:
+        assert float(err.max()) <= abs_bound, f"{helper}: max abs error {float(err.max()):.3g}"
+    if rel_bound is not None:
+        big = want[finite].abs() >= 1e-30
+        rel = float((err[big] / want[finite][big].abs()).max())
+        assert rel <= rel_bound, f"{helper}: max relative error {rel:.3g}"
+    # the special values against torch's fp32 functions, within 1e-8 absolute: the documented
+    # differences are exp saturating at e^88 above x = 88 (never inf) and flushing to 0 below -86,
+    # sigmoid and SiLU giving a tiny number (or 6e-9 * sign at x = -1e30) where torch gives 0, and
+    # the limit at an infinite input where torch computes inf * 0 = NaN (GELU(inf), SiLU(-inf))
+    eager = {"v_exp": torch.exp, "v_erf": torch.special.erf, "v_tanh": torch.tanh, "v_sigmoid": torch.sigmoid,
+             "v_silu": F.silu, "v_gelu_erf": F.gelu, "v_gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[helper]
+    for xv, got, want_ in zip(specials.tolist(), y[-len(specials):].tolist(), eager(specials).tolist()):
+        if math.isnan(xv):
+            assert math.isnan(got), helper
+        elif math.isnan(want_):  # torch's inf * 0: NaN as well, or the limit (x or 0)
+            assert math.isinf(xv) and (math.isnan(got) or got in (xv, 0.0)), (helper, xv, got)
+        elif helper == "v_exp" and xv > 88:
+            assert got == pytest.approx(1.6516363e38, rel=1e-6), (xv, got)
+        else:
+            assert got == want_ or abs(got - want_) <= 1e-8 + 1e-6 * abs(want_), (helper, xv, got, want_)
