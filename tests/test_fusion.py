@@ -272,11 +272,12 @@ def _rerun_after_mismatch(module, ref_module, xs, grads, grads_ref):
 def test_fused_call_appears_in_the_rank_graph_by_name():
     compiled = dsc.compile(GeluNew(), {"fusion": {"enabled": True}}, example_inputs=(torch.randn(8, 16),))
     [kernel] = compiled.report()["kernels"]
-    assert kernel["ops"].count("mul.Tensor") >= 4 and "tanh" in kernel["ops"]
+    assert kernel["ops"].count("mul.Tensor") >= 4 and "sigmoid" in kernel["ops"]  # 1 + tanh(u) = 2 sigmoid(2u)
     assert f"torch.ops.dsc_fused.{kernel['name']}" in compiled.module.code
-    assert "tanh" not in compiled.module.code.replace(kernel["name"], "")  # the chain is gone
+    code = compiled.module.code.replace(kernel["name"], "")
+    assert "tanh" not in code and "sigmoid" not in code and "aten.mul" not in code  # the chain is gone
     source = open(kernel["source"]).read()
-    assert "v_tanh" in source and kernel["name"] in source
+    assert "v_sigmoid" in source and kernel["name"] in source
 
 
 class GeluNewSquared(GeluNew):
@@ -825,3 +826,25 @@ def test_vectorized_math_helpers_stay_within_their_stated_error(helper):
             assert got == pytest.approx(1.6516363e38, rel=1e-6), (xv, got)
         else:
             assert got == want_ or abs(got - want_) <= 1e-8 + 1e-6 * abs(want_), (helper, xv, got, want_)
+
+
+def test_one_plus_tanh_runs_as_a_sigmoid_and_is_at_least_as_accurate_as_eager():
+    """GPT-2's gelu_new, 0.5 x (1 + tanh(u)) op by op: the fusion pass computes 1 + tanh(u) as
+    2 sigmoid(2u) (an identity; one exp instead of tanh's two branches). Where tanh(u) nears -1,
+    eager's 1 + tanh(u) cancels: the rewritten kernel is compared with float64, as eager is."""
+    module = GeluNew()
+    x = torch.linspace(-9, 4, 1 << 16).reshape(64, 1024)
+    compiled = dsc.compile(module, {"fusion": {"enabled": True}}, example_inputs=(x,))
+    [fused] = [p for p in compiled.report()["passes"] if p["name"] == "fuse_kernels"]
+    assert fused["details"]["rewrites"] == {"1 + tanh(u) -> 2 sigmoid(2u)": ["tanh + 1"]}
+    [kernel] = compiled.report()["kernels"]
+    assert "sigmoid" in kernel["ops"] and "tanh" not in kernel["ops"]
+    with torch.no_grad():
+        y, y_eager, x64 = compiled(x), module(x), x.double()
+    # the reference in float64, without the cancellation (float64's 1 + tanh(u) is 0 below u = -19)
+    y64 = x64 * torch.sigmoid(2 * math.sqrt(2.0 / math.pi) * (x64 + 0.044715 * x64 ** 3))
+    err, err_eager = (y.double() - y64).abs(), (y_eager.double() - y64).abs()
+    assert float(err.max()) < 4.8e-7 and float(err_eager.max()) < 4.8e-7  # both within an ulp of |y| = 4
+    tail = x < -4  # 1 + tanh(u) < 1e-6 there: eager keeps few correct digits, the sigmoid keeps them all
+    rel, rel_eager = (err / y64.abs())[tail], (err_eager / y64.abs())[tail]
+    assert float(rel.max()) < 1e-5 < float(rel_eager.max())
