@@ -93,8 +93,9 @@ def cmd_compile(args) -> int:
             for name, k in kernels.items():
                 src = Path(k["source"])
                 (out / "kernels" / f"{name}{src.suffix}").write_text(src.read_text())
-                if k.get("backward_source"):
-                    (out / "kernels" / f"{name}_bwd.c").write_text(Path(k["backward_source"]).read_text())
+                if k.get("backward_source"):  # .c or, for Triton, .py
+                    bwd = Path(k["backward_source"])
+                    (out / "kernels" / f"{name}_bwd{bwd.suffix}").write_text(bwd.read_text())
         extra = f", kernels/ ({len(kernels)} generated kernel sources)" if kernels else ""
         _progress(f"wrote {out}/: plan.json, report.json, rank0.py .. rank{args.world_size - 1}.py{extra}")
     print(json.dumps(report, indent=2) if args.format == "json" else explain(report))
