@@ -291,7 +291,7 @@ class Kernel:
         if self.pattern == "pointwise":
             return cpu.render("pointwise" + ext, inputs=self.kinds, **self.params, **common)
         if self.pattern in ("layernorm", "rmsnorm"):
-            return cpu.render("rownorm" + ext, kind=self.pattern, lanes=8, **self.params, **common)
+            return cpu.render("rownorm" + ext, kind=self.pattern, **self.params, **common)
         return cpu.render("softmax" + ext, **self.params, **common)
 
     def build(self, dtype: torch.dtype) -> str:
