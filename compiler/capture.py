@@ -101,8 +101,10 @@ def _matches(a, e) -> bool:
 
 
 def _same(a, e) -> bool:
+    """The same value: 2 and 2.0 are (export's guard compares with ==), True and 1 are not."""
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, e))
     try:
-        return type(a) is type(e) and bool(a == e)
+        return (numbers or type(a) is type(e)) and bool(a == e)
     except Exception:  # noqa: BLE001 - an object without a usable ==: compare identity
         return a is e
 

@@ -110,6 +110,9 @@ def test_inputs_unlike_the_compiled_example_name_the_argument_and_the_way_out():
         compiled(torch.randn(5, 8), 3)
     with pytest.raises(ValueError, match=r"input 'factor' is 4, but this model was compiled for 3"):
         compiled(x, 4)  # export baked factor=3 into the graph: 4 would silently multiply by 3
+    torch.testing.assert_close(compiled(x, 3.0), model(x, 3))  # the same value as a float
+    with pytest.raises(ValueError, match=r"input 'factor' is True"):
+        compiled(x, True)
     with pytest.raises(ValueError, match=r"compiled for calls shaped like its example inputs \(2 positional "
                                          r"arguments\); this call passes 2 positional arguments and keywords"):
         compiled(x, 3, extra={"bias": torch.zeros(8)})
