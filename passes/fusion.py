@@ -415,8 +415,8 @@ class Kernel:
             if not self._launch_triton_backward(launch, dtype):
                 return None
         elif outs:
-            fn(*[cpu.ptr(t) for t in (*xs, *grads, *outs)], _i64(self.rows), _i64(self.cols),
-               *[ctypes.c_uint32(int(t)) for t in seeds])
+            ptrs = [t.data_ptr() for t in (*xs, *grads, *outs)]  # then the forward's constants
+            fn(*ptrs, *self._c_args(fn, len(ptrs)), *[ctypes.c_uint32(int(t)) for t in seeds])
             self.calls["backward"] += 1
         got = [None if src is None else (outs if src[0] == "out" else grads)[src[1]] for src in spec["grads"]]
         return [g if g is None or kind == "full" else g.sum_to_size(x.shape) for g, x, kind in zip(got, xs, self.kinds)]
@@ -436,12 +436,12 @@ class Kernel:
         x, dy = x.contiguous(), dy.contiguous()
         mask = mask.contiguous() if mask is not None else None
         dx = self._empty(x.shape, dtype, x.device)
-        mask_rows = max(1, mask.numel() // self.cols) if mask is not None else 1
         if self.backend == "triton":
+            mask_rows = max(1, mask.numel() // self.cols) if mask is not None else 1
             launch = lambda: built[0](x, mask, dy, dx, self.rows, self.cols, mask_rows, float(self.params["scale"]))  # noqa: E731
             return [dx, None][:len(xs)] if self._launch_triton_backward(launch, dtype) else None
-        built[0](cpu.ptr(x), cpu.ptr(mask), cpu.ptr(dy), cpu.ptr(dx), _i64(self.rows), _i64(self.cols),
-                 _i64(mask_rows), _f32(self.params["scale"]))
+        ptrs = [t.data_ptr() if t is not None else None for t in (x, mask, dy, dx)]
+        built[0](*ptrs, *self._c_args(built[0], len(ptrs)))  # the forward's constants, mask rows included
         self.calls["backward"] += 1
         return [dx, None][:len(xs)]
 
@@ -530,7 +530,9 @@ class Kernel:
     def _c_args(self, fn, n_ptrs: int) -> tuple:
         """The C kernel's arguments after its pointers: sizes and the pattern's constants, which
         the shapes fix. Made once, with the pointers' argtypes declared so that plain addresses
-        can be passed (making a c_void_p per pointer per call costs more than a small kernel)."""
+        can be passed (making a c_void_p per pointer per call costs more than a small kernel).
+        The pointwise and softmax backward kernels take the same constants after their own
+        pointers."""
         args = self._cargs
         if args is None:
             rows, cols = _i64(self.rows), _i64(self.cols)
