@@ -139,7 +139,8 @@ def cmd_inspect(args) -> int:
             print("no generated kernels (enable them with the plan's fusion section)")
         for k in kernels:
             src = folder / "kernels" / f"{k['name']}{Path(k['source']).suffix}"
-            bwd = "backward kernel" if k.get("backward") == "generated" else "backward recomputes"
+            bwd = {"generated": "backward kernel", "pass-through": "backward passes gradients through"}.get(
+                k.get("backward"), "backward recomputes")
             print(f"{k['name']:<36} {k['backend']:<5} {k['pattern']:<10} {k['dtype']:<8} "
                   f"{'x'.join(map(str, k['shape'])):<12} x{k['uses']:<3} replaces {' + '.join(k['ops'])}; "
                   f"{bwd}  ({src})")

@@ -69,7 +69,8 @@ def explain(report: dict[str, Any]) -> str:
         out.append("")
         out.append("generated kernels (rank 0):")
         for k in report["kernels"]:
-            bwd = "; backward kernel" if k.get("backward") == "generated" else ""
+            bwd = {"generated": "; backward kernel", "pass-through": "; backward passes gradients through"}.get(
+                k.get("backward"), "")
             out.append(f"  {k['name']:<36} {k['backend']:<4} {k['pattern']:<10} x{k['uses']:<3} replaces "
                        f"{' + '.join(k['ops'])}{bwd}")
     out.append("")

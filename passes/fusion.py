@@ -21,17 +21,21 @@ Patterns (plan `fusion.patterns`):
 - rmsnorm: the decomposed RMSNorm of Llama-style models (pow 2, mean, add eps, rsqrt, mul, weight).
 - softmax: softmax over the last dimension with an optional scale and additive mask prologue.
 
-Backward: LayerNorm (without the residual add) and RMSNorm kernels have a generated backward
-kernel when autocast is off (codegen/templates/rownorm_bwd.c.j2, and rownorm_bwd.py.j2 for
-Triton: dx and the weight/bias gradients in one pass); on the CPU so does softmax
-(softmax_bwd.c.j2: the probabilities recomputed per row, then y * (dy - sum(dy * y))), unless its
-mask needs a gradient. On the CPU, pointwise groups whose every op has a derivative rule
-(`_grad_terms`: all of the above) have one too, under autocast as well: the backward is itself a
-pointwise kernel (pointwise.c.j2) that recomputes the forward's values from the saved inputs and
-applies the rules in reverse, one pass over memory; a broadcast input's gradient (a bias) is then
-summed to its shape by torch, as eager does. Every other fused op's gradient (the residual +
-LayerNorm kernel, and Triton's pointwise and softmax kernels) recomputes the group's original
-(unfused) ops from the saved inputs under autograd. Only the inputs are saved.
+Backward: every pattern has a generated backward kernel, in C and in Triton, applied when
+autocast is off (pointwise groups: under autocast too):
+- LayerNorm and RMSNorm (rownorm_bwd.c.j2 / .py.j2): dx and the weight/bias gradients in one pass
+  over x and dy. The C kernel also serves the residual add + LayerNorm group: it recomputes
+  h = x + r and adds h's own gradient, the gradient of both x and r.
+- softmax (softmax_bwd.*): the probabilities recomputed per row, then y * (dy - sum(dy * y)),
+  unless its mask needs a gradient of its own.
+- pointwise groups whose every op has a derivative rule (`_grad_terms`: all of the above): the
+  backward is itself a pointwise kernel (pointwise.*.j2) that recomputes the forward's values from
+  the saved inputs and applies the rules in reverse, one pass over memory; a broadcast input's
+  gradient (a bias) is then summed to its shape by torch, as eager does. A group whose inputs'
+  gradients are all an output's (an add after a dropout of p = 0) needs no kernel ("pass-through").
+Where a kernel does not apply (autocast for norms and softmax, other dtypes or shapes, a compiler
+that refused the backward), the group's original (unfused) ops are recomputed from the saved
+inputs under autograd. Only the inputs are saved.
 
 Dropout (p > 0, training) draws from a counter-based RNG instead of torch's generator: element i
 of a call with seed s is kept when a hash of (s, i) clears p (codegen/templates/common.h.j2). The
@@ -326,7 +330,8 @@ class Kernel:
             return self.params.get("grad") is not None
         if self.pattern == "softmax":  # rows that fit the kernel's row buffer (softmax_bwd.c.j2)
             return self.cols <= SOFTMAX_ROW
-        return self.pattern in ("layernorm", "rmsnorm") and not self.params.get("has_residual")
+        # the residual add fused in front of a norm: the C kernel only (Triton does not fuse it)
+        return self.pattern in ("layernorm", "rmsnorm") and not (self.params.get("has_residual") and self.backend == "triton")
 
     def build_backward(self, dtype: torch.dtype) -> str:
         """Compile (or find in the cache) the backward kernel for `dtype`; returns its source path."""
@@ -336,6 +341,9 @@ class Kernel:
                              dtype=cpu.DTYPES[dtype], replaced=", ".join(self.replaced), has_mask=self.params["has_mask"])
         elif self.pattern == "pointwise":  # itself a pointwise kernel: inputs + output grads -> input grads
             grad = self.params["grad"]
+            if not grad["outputs"]:  # every input's gradient is an output's, passed through: no kernel
+                self._bwd[dtype] = (None, None, None)
+                return None
             src = cpu.render("pointwise.py.j2" if triton else "pointwise.c.j2", name=f"{self.name}_bwd",
                              dtype=cpu.DTYPES[dtype], replaced="the backward of " + ", ".join(self.replaced),
                              inputs=[*self.kinds, *["full"] * self.n_out], body=grad["body"],
@@ -356,7 +364,7 @@ class Kernel:
             return str(path)
         src = cpu.render("rownorm_bwd.c.j2", kind=self.pattern, name=self.name, dtype=cpu.DTYPES[dtype],
                          replaced=", ".join(self.replaced), has_weight=self.params.get("has_weight", True),
-                         has_bias=self.params.get("has_bias", False))
+                         has_bias=self.params.get("has_bias", False), has_residual=self.params.get("has_residual", False))
         fn, _, path = cpu.compile_kernel(src, f"{self.name}_bwd")
         red, _, _ = cpu.compile_kernel(src, f"{self.name}_bwd_reduce")
         self._bwd[dtype] = (fn, red, str(path))
@@ -386,6 +394,8 @@ class Kernel:
                 with torch.autocast(device, dtype=dtype):
                     xs = self._autocast_inputs(xs)
             return self.pointwise_backward(xs, list(saved[n_in:]), list(grads))
+        if self.params.get("has_residual"):  # outputs h = x + r and norm(h): both may have gradients
+            return self.residual_norm_backward(xs, *grads[:2])
         if grads[0] is None:
             return None
         if self.pattern == "softmax":
@@ -459,9 +469,24 @@ class Kernel:
         self.calls["backward"] += 1
         return True
 
-    def norm_backward(self, xs: list, dy: torch.Tensor) -> list | None:
+    def residual_norm_backward(self, xs: list, dh: torch.Tensor | None, dy: torch.Tensor | None) -> list | None:
+        """The residual add + norm group (x, r, w, b -> h = x + r, norm(h)): x's and r's gradient is
+        h's own (`dh`) plus the norm's input gradient, from the same kernel as `norm_backward`,
+        which recomputes h from x and r. Without a gradient for the norm, h's passes through."""
+        if dy is None:
+            return None if dh is None else [dh, dh, None, None][:len(xs)]
+        x, r, w, b = (list(xs) + [None, None])[:4]
+        if r is None or r.dtype != x.dtype or tuple(r.shape) != self.input_shapes[1] or \
+                (dh is not None and (dh.dtype != x.dtype or tuple(dh.shape) != self.shape)):
+            return None
+        got = self.norm_backward([x, w, b], dy, r, dh)
+        return None if got is None else [got[0], got[0], *got[1:]][:len(xs)]
+
+    def norm_backward(self, xs: list, dy: torch.Tensor, rsd: torch.Tensor | None = None,
+                      dh: torch.Tensor | None = None) -> list | None:
         """LayerNorm's or RMSNorm's input, weight and bias gradients from the generated backward
-        kernel, or None when it does not apply (then the caller recomputes the unfused ops)."""
+        kernel, or None when it does not apply (then the caller recomputes the unfused ops). With
+        `rsd` (the residual group), the norm's input is x + rsd and dh is added to its gradient."""
         x, w, b = (list(xs) + [None, None])[:3]
         dtype = x.dtype
         if dtype not in cpu.DTYPES or dy.dtype != dtype or x.device.type != self._device(x) or \
@@ -483,7 +508,12 @@ class Kernel:
         part = torch.empty(blocks, 2, cols, dtype=torch.float32)
         dw = torch.empty(cols, dtype=dtype) if w is not None else None
         db = torch.empty(cols, dtype=dtype) if b is not None else None
-        fn(cpu.ptr(x), cpu.ptr(w), cpu.ptr(dy), cpu.ptr(dx), cpu.ptr(part), _i64(rows), _i64(cols),
+        if self.params.get("has_residual"):  # (kept in names: a pointer outlives no temporary)
+            rsd, dh = rsd.contiguous(), dh.contiguous() if dh is not None else None
+            residual = [cpu.ptr(rsd), cpu.ptr(dh)]
+        else:
+            residual = []
+        fn(cpu.ptr(x), *residual, cpu.ptr(w), cpu.ptr(dy), cpu.ptr(dx), cpu.ptr(part), _i64(rows), _i64(cols),
            _f32(self.params["eps"]), _i64(blocks))
         red(cpu.ptr(part), cpu.ptr(dw), cpu.ptr(db), _i64(cols), _i64(blocks))
         self.calls["backward"] += 1
@@ -1152,8 +1182,10 @@ def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
             entry["backward"] = "recompute"
             if kernel.has_backward:
                 try:
-                    entry["backward_source"] = kernel.build_backward(dtype)
-                    entry["backward"] = "generated"
+                    bwd_src = kernel.build_backward(dtype)
+                    entry["backward"] = "generated" if bwd_src else "pass-through"  # (no kernel needed)
+                    if bwd_src:
+                        entry["backward_source"] = bwd_src
                 except Exception as exc:  # noqa: BLE001  (the recompute still works)
                     kernel._bwd[dtype] = None
                     entry["backward_declined"] = f"backward kernel did not compile: {exc}"

@@ -41,6 +41,11 @@ class ResidualLayerNorm(LayerNorm):  # h = x + r feeds the norm and the next res
         return self.ln(h) + h
 
 
+class ResidualLayerNormOnly(LayerNorm):  # h = x + r feeds the norm alone: h gets no gradient of its own
+    def forward(self, x, r):
+        return self.ln(x + r)
+
+
 class RMSNorm(nn.Module):  # Llama's formulation, decomposed into pow/mean/rsqrt/mul by capture
     def __init__(self):
         super().__init__()
@@ -723,6 +728,51 @@ def test_pointwise_backward_kernel_writes_each_distinct_gradient_once():
     torch.testing.assert_close(module.bias.grad, xr.grad.sum(0), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("build", [ResidualLayerNorm, ResidualLayerNormOnly], ids=["h_used_again", "h_norm_only"])
+def test_residual_layernorm_backward_kernel_gives_x_and_r_one_gradient(build, dtype):
+    """h = x + r -> LayerNorm(h), one kernel: its generated backward recomputes h from x and r and
+    adds h's own gradient (when the graph uses h again, as a transformer's residual stream does) to
+    the norm's. x and r get that one gradient, as eager's add gives them; every gradient at least
+    as accurate as eager's against float64."""
+    xs = inputs("residual_layernorm", dtype)
+    torch.manual_seed(0)
+    compiled, y, grads = run(build().to(dtype), xs, fused=True)
+    (kernel,) = compiled.report()["kernels"]
+    assert kernel["ops"] == ["add.Tensor", "layer_norm"] and kernel["backward"] == "generated"
+    assert "+ hs * LD(dhr[c])" in open(kernel["backward_source"]).read()
+    assert KERNELS[kernel["name"]].calls["backward"] >= 1
+    assert torch.equal(grads[0], grads[1])  # x's and r's
+    torch.manual_seed(0)
+    _, _, grads_ref = run(build().to(dtype), xs, fused=False)
+    _assert_grads_as_accurate_as_eager(build, xs, grads, grads_ref, dtype)
+
+
+class DropoutOffResidual(nn.Module):  # GPT's `x + drop(attn(x))` with dropout 0: an add, for autograd
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, x, r):
+        return (r + self.drop(x)).sum(-1)
+
+
+def test_a_group_whose_gradients_pass_through_needs_no_backward_kernel():
+    """Every input's gradient is an output's incoming gradient (a residual add after a dropout of
+    p = 0): the group's backward is no kernel at all (the report says "pass-through"), and the
+    gradients are eager's bit for bit. (It used to render a kernel with no outputs, which the C
+    compiler refused: the group then recomputed its ops.)"""
+    xs = inputs("residual_relu", torch.float32)
+    compiled, _, grads = run(DropoutOffResidual(), xs, fused=True)
+    (kernel,) = compiled.report()["kernels"]
+    assert kernel["backward"] == "pass-through" and "backward_source" not in kernel
+    assert "backward_declined" not in kernel, kernel
+    assert "backward passes gradients through" in compiled.explain()
+    _, _, grads_ref = run(DropoutOffResidual(), xs, fused=False)
+    for g, r in zip(grads, grads_ref):
+        assert torch.equal(g, r)
+
+
 class ManyOps(nn.Module):  # every derivative rule of _grad_terms in one pointwise group
     def forward(self, x, r):
         q = r * r + 1.0
@@ -882,7 +932,7 @@ def test_one_plus_tanh_runs_as_a_sigmoid_and_is_at_least_as_accurate_as_eager():
     assert float(rel.max()) < 1e-5 < float(rel_eager.max())
 
 
-@pytest.mark.parametrize("name", ["layernorm", "rmsnorm", "softmax"])
+@pytest.mark.parametrize("name", ["layernorm", "residual_layernorm", "rmsnorm", "softmax"])
 def test_rows_longer_than_the_row_buffer_match_eager(name, monkeypatch):
     """Rows of more than 8192 elements do not fit the kernels' fp32 row buffers (DSC_ROW): the
     forward kernels and the norms' backward kernel then re-read the row instead of keeping it
