@@ -312,9 +312,9 @@ def in_cache_rate(module, xs, n_big: int, reps: int = 200) -> float:
     return ideal / statistics.median(times)
 
 
-def bench_block(kind: str, dtype, reps: int, batch: int, seq: int):
-    import dsc
-
+def build_block(kind: str, dtype, batch: int, seq: int):
+    """(block module returning a scalar, its input): our GPT's block or transformers' Llama layer
+    (with rotary embeddings), width 1024, on DEVICE in `dtype`, seeded."""
     torch.manual_seed(0)
     if kind == "llama":
         from transformers import LlamaConfig
@@ -345,8 +345,15 @@ def bench_block(kind: str, dtype, reps: int, batch: int, seq: int):
 
         block, width = Block(), 1024
     block = block.to(device=DEVICE, dtype=dtype)
-    x = torch.randn(batch, seq, width, device=DEVICE).to(dtype)
+    return block, torch.randn(batch, seq, width, device=DEVICE).to(dtype)
+
+
+def bench_block(kind: str, dtype, reps: int, batch: int, seq: int):
+    import dsc
+
+    block, x = build_block(kind, dtype, batch, seq)
     fused = dsc.compile(block, {"fusion": {"enabled": True}}, example_inputs=(x,))
+    plain = dsc.compile(block, {}, example_inputs=(x,))  # the captured graph alone: dsc's own overhead
     compiled = _inductor(block)
 
     def step(fn):
@@ -355,10 +362,10 @@ def bench_block(kind: str, dtype, reps: int, batch: int, seq: int):
             fn(xi).backward()
         return go
 
-    for fn in (block, compiled, fused):
+    for fn in (block, compiled, fused, plain):
         for _ in range(2):
             step(fn)()
-    t = timed({"eager": step(block), "inductor": step(compiled), "dsc": step(fused)}, reps)
+    t = timed({"eager": step(block), "inductor": step(compiled), "dsc": step(fused), "dsc_nofusion": step(plain)}, reps)
     return {"block": kind, "shape": f"{batch}x{seq}x{width}", "dtype": str(dtype).replace("torch.", ""),
             "kernels": len(fused.report()["kernels"]), **{f"{k}_s": v for k, v in t.items()}}
 
@@ -456,7 +463,7 @@ def main() -> int:
             print(json.dumps(res) if args.json else
                   f"{args.block} block fwd+bwd {res['shape']} {res['dtype']}: eager {res['eager_s'] * 1e3:.1f} ms, "
                   f"inductor {res['inductor_s'] * 1e3:.1f} ms, dsc {res['dsc_s'] * 1e3:.1f} ms "
-                  f"({res['kernels']} kernels): dsc/eager {res['eager_s'] / res['dsc_s']:.2f}x, "
+                  f"({res['kernels']} kernels; without fusion {res['dsc_nofusion_s'] * 1e3:.1f} ms): dsc/eager {res['eager_s'] / res['dsc_s']:.2f}x, "
                   f"dsc/inductor {res['inductor_s'] / res['dsc_s']:.2f}x", flush=True)
     return 0
 
