@@ -366,7 +366,7 @@ def bench_block(kind: str, dtype, reps: int, batch: int, seq: int):
         for _ in range(2):
             step(fn)()
     t = timed({"eager": step(block), "inductor": step(compiled), "dsc": step(fused), "dsc_nofusion": step(plain)}, reps)
-    return {"block": kind, "shape": f"{batch}x{seq}x{width}", "dtype": str(dtype).replace("torch.", ""),
+    return {"block": kind, "shape": f"{batch}x{seq}x{x.shape[-1]}", "dtype": str(dtype).replace("torch.", ""),
             "kernels": len(fused.report()["kernels"]), **{f"{k}_s": v for k, v in t.items()}}
 
 
