@@ -48,6 +48,7 @@ eager's: they have the same distribution, not the same draws.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import operator
 import re
@@ -283,8 +284,9 @@ class Kernel:
 
     @staticmethod
     def _empty(shape, dtype, device) -> torch.Tensor:
-        """A new output buffer; on the CPU in huge pages where it is large (cpu.empty)."""
-        if torch.device(device).type == "cpu":
+        """A new output buffer; on the CPU (`device` None or a CPU device) in huge pages where it
+        is large (cpu.empty)."""
+        if device is None or torch.device(device).type == "cpu":
             return cpu.empty(shape, dtype)
         return torch.empty(shape, dtype=dtype, device=device)
 
@@ -312,7 +314,7 @@ class Kernel:
         self.sources[dtype] = str(src)
         return str(src)
 
-    @property
+    @functools.cached_property
     def rows(self) -> int:
         """The iteration space's rows: leading dimensions flattened."""
         return max(1, _numel(self.shape) // max(self.cols, 1))
@@ -520,14 +522,16 @@ class Kernel:
         return [dx, dw, db][:len(xs)]
 
     def __call__(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        # the hot path of every fused call (a few microseconds of Python on top of the kernel):
+        # device and autocast tests read tensor flags, never build `torch.device` objects or names
         first = xs[0] if xs[0] is not None else next(x for x in xs if x is not None)
-        if torch.is_autocast_enabled(first.device.type):
+        if _any_autocast() and torch.is_autocast_enabled("cuda" if first.is_cuda else "cpu"):
             xs = self._autocast_inputs(xs)
             first = xs[0] if xs[0] is not None else next(x for x in xs if x is not None)
         dtype = first.dtype
-        device = self._device(first)
+        cuda = self.backend == "triton" and first.is_cuda  # where the kernel runs (see _device)
         usable = dtype in cpu.DTYPES and len(xs) == len(self.input_shapes) and all(
-            x is None or (x.dtype == dtype and x.device.type == device and x.shape == s)
+            x is None or (x.dtype == dtype and (x.is_cuda if cuda else x.is_cpu) and x.shape == s)
             for x, s in zip(xs, self.input_shapes))
         seeds = [torch.randint(0, 1 << 32, (), dtype=torch.int64, device=first.device)] if self.seeded else []
         if not usable:
@@ -540,7 +544,8 @@ class Kernel:
             fn = self.compiled[dtype]
         self.calls["kernel"] += 1
         xs = [x.contiguous() if x is not None else None for x in xs]
-        outs = [self._output(i, dtype, first.device) for i in range(self.n_out)]
+        device = first.device if cuda or not first.is_cpu else None  # None: the CPU (cpu.empty)
+        outs = [self._output(i, dtype, device) for i in range(self.n_out)]
         if self.backend == "triton":
             fn(xs, outs, self.rows, self.cols, **({"seed": seeds[0]} if seeds else {}), **self.params)
             return outs + seeds
@@ -578,6 +583,9 @@ class Kernel:
             fn.argtypes = [ctypes.c_void_p] * n_ptrs + [type(a) for a in args] + \
                 ([ctypes.c_uint32] if self.seeded and self.pattern == "pointwise" else [])
         return args
+
+
+_any_autocast = torch._C._is_any_autocast_enabled  # one flag test before asking per device
 
 
 def _numel(shape) -> int:
@@ -634,8 +642,9 @@ class _Fused(torch.autograd.Function):
         outs = kernel(list(xs))
         ctx.name, ctx.n_in = name, len(xs)
         ctx.save_for_backward(*xs, *outs[len(outs) - kernel.seeded:])
-        device = next(x for x in xs if x is not None).device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        device = "cuda" if next(x for x in xs if x is not None).is_cuda else "cpu"
+        ctx.autocast = (device, bool(_any_autocast() and torch.is_autocast_enabled(device)),
+                        torch.get_autocast_dtype(device))
         if kernel.seeded:
             ctx.mark_non_differentiable(outs[-1])
         return tuple(outs)
