@@ -48,6 +48,16 @@ class LayerNorm(nn.Module):
         return self.ln(x)
 
 
+class ResidualLayerNorm(nn.Module):  # the residual stream: h = x + r feeds the norm and the next block
+    def __init__(self, n):
+        super().__init__()
+        self.ln = nn.LayerNorm(n)
+
+    def forward(self, x, r):
+        h = x + r
+        return self.ln(h), h
+
+
 class RMSNorm(nn.Module):
     def __init__(self, n):
         super().__init__()
@@ -111,6 +121,7 @@ class BiasGeluDropoutResidual(nn.Module):  # GPT-2's MLP tail in training: dropo
 # name -> (module, number of full-size inputs, extra per-row-vector inputs, outputs)
 PATTERNS = {
     "layernorm": (LayerNorm, 1, 0, 1),
+    "residual_layernorm": (ResidualLayerNorm, 2, 0, 2),  # one kernel on the CPU; Triton: two ops
     "rmsnorm": (RMSNorm, 1, 0, 1),
     "softmax_mask": (MaskedSoftmax, 1, 1, 1),
     "bias_gelu": (BiasGelu, 1, 0, 1),
@@ -121,6 +132,11 @@ PATTERNS = {
     "bias_gelu_dropout": (BiasGeluDropoutResidual, 2, 0, 1),
 }
 RANDOM = {"bias_gelu_dropout"}  # dsc draws other masks than eager: no error column
+
+
+def _first(out):
+    """A pattern's (first) output: residual_layernorm returns the norm and the sum h."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def median_time(fn, reps: int) -> float:
@@ -250,8 +266,8 @@ def bench_pattern(name, rows, cols, dtype, reps):
         for fn in (module, compiled, fused):  # warm up (Inductor compiles here)
             for _ in range(3):
                 fn(*xs)
-        ref = module(*xs).float()
-        err = float((fused(*xs).float() - ref).abs().max()) if name not in RANDOM else float("nan")
+        ref = _first(module(*xs)).float()
+        err = float((_first(fused(*xs)).float() - ref).abs().max()) if name not in RANDOM else float("nan")
         def fresh():  # dsc with a new output buffer per call, as eager and Inductor allocate
             fusion.REUSE_OUTPUTS = False
             try:
@@ -388,7 +404,8 @@ def bench_backward(name: str, rows: int, cols: int, dtype, reps: int) -> dict:
     def step(fn):
         def go():
             ins = [x.detach().requires_grad_(i < n_full) for i, x in enumerate(xs)]
-            fn(*ins).float().sum().backward()
+            out = fn(*ins)
+            sum(o.float().sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
         return go
 
     def recompute():
