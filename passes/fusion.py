@@ -16,7 +16,10 @@ Patterns (plan `fusion.patterns`):
   integers, rsqrt, no-op casts, dropout) whose intermediate values are used only inside the
   group; operands may be full tensors, per-column vectors (biases), per-row values, trailing
   dimensions repeated over the leading ones (position embeddings) or
-  scalars. Several escaping values make a multi-output kernel.
+  scalars. Several escaping values make a multi-output kernel. Dequantize prologues: an integer
+  tensor (int8, uint8, int16, int32) cast to the group's float dtype joins as an input the kernel
+  converts as it loads it, so `(q.float() - zero) * scale` and its use are one pass over the
+  integers (weight-only quantization); integer inputs get no gradient.
 - layernorm: `aten.layer_norm` over the last dimension (weight and bias optional).
 - rmsnorm: the decomposed RMSNorm of Llama-style models (pow 2, mean, add eps, rsqrt, mul, weight).
 - softmax: softmax over the last dimension with an optional scale and additive mask prologue.
@@ -193,6 +196,10 @@ OPS = {
     aten.dropout.default: _dropout, aten.clone.default: _same, aten.alias.default: _same,
     aten.contiguous.default: _same, aten.to.dtype: _same, aten._to_copy.default: _same,
 }
+CASTS = (aten.to.dtype, aten._to_copy.default)
+# integer tensors a group may read through a cast (a dequantize prologue: `(q.float() - zero) * scale`),
+# with the C type the kernel reads them as
+INT_TYPES = {torch.int8: "int8_t", torch.uint8: "uint8_t", torch.int16: "int16_t", torch.int32: "int32_t"}
 TRANSCENDENTAL = {aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default, aten.exp.default}
 
 
@@ -234,6 +241,11 @@ class Kernel:
         self.ref, self.kinds, self.shape, self.cols = ref, kinds, tuple(shape), cols
         self.replaced = [_short(n.target) for n in group.nodes]
         self.input_shapes = [tuple(_val(x).shape) for x in group.inputs]
+        # integer inputs (read through a dequantizing cast) keep their dtype whatever the kernel's is
+        self.input_dtypes = [_val(x).dtype if x is not None and _val(x).dtype in INT_TYPES else None
+                             for x in group.inputs]
+        self.has_int_inputs = any(d is not None for d in self.input_dtypes)
+        self.out_dtype = _val(group.outputs[0]).dtype  # the kernel's dtype when no input is a float
         self.n_out = len(group.outputs)
         self.seeded = bool(group.params.get("seeded"))  # draws dropout masks: the seed is an extra output
         self.compiled: dict[torch.dtype, object] = {}
@@ -295,10 +307,20 @@ class Kernel:
         common = {"name": self.name, "dtype": cpu.DTYPES[dtype], "replaced": ", ".join(self.replaced)}
         ext = ".py.j2" if self.backend == "triton" else ".c.j2"
         if self.pattern == "pointwise":
-            return cpu.render("pointwise" + ext, inputs=self.kinds, **self.params, **common)
+            return cpu.render("pointwise" + ext, inputs=self.kinds, in_types=self.in_types(), **self.params, **common)
         if self.pattern in ("layernorm", "rmsnorm"):
             return cpu.render("rownorm" + ext, kind=self.pattern, **self.params, **common)
         return cpu.render("softmax" + ext, **self.params, **common)
+
+    def in_types(self, extra: int = 0) -> list[str]:
+        """Each input's C element type: T (the kernel's float type) or an integer type; `extra`
+        more T inputs (the backward kernel's incoming gradients)."""
+        return [INT_TYPES[d] if d is not None else "T" for d in self.input_dtypes] + ["T"] * extra
+
+    def float_dtype(self, xs: list) -> torch.dtype:
+        """The dtype the kernel runs in for this call: its first float input's, or (a group whose
+        inputs are all integers, a pure dequantize) its outputs'."""
+        return next((x.dtype for x, d in zip(xs, self.input_dtypes) if x is not None and d is None), self.out_dtype)
 
     def build(self, dtype: torch.dtype) -> str:
         """Compile (or find in the cache) the kernel for `dtype`; returns the source path."""
@@ -348,7 +370,7 @@ class Kernel:
                 return None
             src = cpu.render("pointwise.py.j2" if triton else "pointwise.c.j2", name=f"{self.name}_bwd",
                              dtype=cpu.DTYPES[dtype], replaced="the backward of " + ", ".join(self.replaced),
-                             inputs=[*self.kinds, *["full"] * self.n_out], body=grad["body"],
+                             inputs=[*self.kinds, *["full"] * self.n_out], in_types=self.in_types(self.n_out), body=grad["body"],
                              outputs=grad["outputs"], seeded=self.seeded)
         if self.pattern in ("softmax", "pointwise"):
             if triton:
@@ -408,9 +430,10 @@ class Kernel:
         """A pointwise group's input gradients from its generated backward kernel (the forward's
         inputs and the outputs' gradients in, one gradient per input over the iteration space out,
         summed to the input's shape where it was broadcast), or None when it does not apply."""
-        dtype, grads = xs[0].dtype, grads[:self.n_out]  # (the seed's "gradient" is a zero scalar)
+        dtype, grads = self.float_dtype(xs), grads[:self.n_out]  # (the seed's "gradient" is a zero scalar)
         device = self._device(xs[0])
-        if dtype not in cpu.DTYPES or any(x.dtype != dtype or x.device.type != device for x in xs) or \
+        if dtype not in cpu.DTYPES or any(x.dtype != (dtype if d is None else d) or x.device.type != device
+                                          for x, d in zip(xs, self.input_dtypes)) or \
                 [tuple(x.shape) for x in xs] != self.input_shapes or \
                 any(g is not None and (g.dtype != dtype or tuple(g.shape) != self.shape) for g in grads):
             return None
@@ -528,11 +551,11 @@ class Kernel:
         if _any_autocast() and torch.is_autocast_enabled("cuda" if first.is_cuda else "cpu"):
             xs = self._autocast_inputs(xs)
             first = xs[0] if xs[0] is not None else next(x for x in xs if x is not None)
-        dtype = first.dtype
+        dtype = first.dtype if not self.has_int_inputs else self.float_dtype(xs)
         cuda = self.backend == "triton" and first.is_cuda  # where the kernel runs (see _device)
         usable = dtype in cpu.DTYPES and len(xs) == len(self.input_shapes) and all(
-            x is None or (x.dtype == dtype and (x.is_cuda if cuda else x.is_cpu) and x.shape == s)
-            for x, s in zip(xs, self.input_shapes))
+            x is None or (x.dtype == (dtype if d is None else d) and (x.is_cuda if cuda else x.is_cpu) and x.shape == s)
+            for x, s, d in zip(xs, self.input_shapes, self.input_dtypes))
         seeds = [torch.randint(0, 1 << 32, (), dtype=torch.int64, device=first.device)] if self.seeded else []
         if not usable:
             self.calls["fallback"] += 1
@@ -688,7 +711,7 @@ def _register_op(name: str) -> None:
 
     def fake(xs):
         k = KERNELS[name]
-        dtype = next(x for x in xs if x is not None).dtype
+        dtype = k.float_dtype(xs)
         seeds = [xs[0].new_empty((), dtype=torch.int64)] if k.seeded else []
         return [xs[0].new_empty(k.shape, dtype=dtype) for _ in range(k.n_out)] + seeds
 
@@ -709,7 +732,14 @@ def _pointwise_ok(n: torch.fx.Node) -> bool:
     if n.op != "call_function" or n.target not in OPS or not _float_tensor(n):
         return False
     dt = _val(n).dtype
-    return all(_val(x).dtype == dt for x in n.all_input_nodes if isinstance(_val(x), torch.Tensor))
+    ins = [_val(x) for x in n.all_input_nodes if isinstance(_val(x), torch.Tensor)]
+    if n.target in CASTS:
+        device = n.kwargs.get("device")
+        if device is not None and ins and torch.device(device) != ins[0].device:
+            return False  # a copy to another device, not arithmetic
+        if len(ins) == 1 and ins[0].dtype in INT_TYPES:
+            return True  # a dequantize prologue: the kernel reads the integer tensor and converts it
+    return all(v.dtype == dt for v in ins)
 
 
 def _kind(shape, space) -> str | None:
@@ -1062,7 +1092,7 @@ def _pointwise_grad(group: Group, body: list, env: dict, drops: dict, lang: str 
     outputs, grads = [], []
     for x in group.inputs:
         total = " + ".join(terms[x])
-        if not total:
+        if not total or _val(x).dtype in INT_TYPES:  # (an integer input, dequantized, has no gradient)
             grads.append(None)
         elif total.isidentifier() and total.startswith("v") and int(total[1:]) >= n_in:
             grads.append(("dy", int(total[1:]) - n_in))
@@ -1146,8 +1176,12 @@ def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
             kinds = ["full" for _ in grp.inputs]
         ops = "_".join(dict.fromkeys(_short(n.target).replace("_", "") for n in grp.nodes  # a C identifier
                                      if n.target in TRANSCENDENTAL or grp.pattern != "pointwise"))
+        in_dtypes = [str(_val(x).dtype) if x is not None else None for x in grp.inputs]
+        if any(_val(x).dtype in INT_TYPES for x in grp.inputs if x is not None):
+            ops = "dequant" + ("_" + ops if ops else "")
         dtype = _val(grp.outputs[0]).dtype
-        what = (backend, grp.pattern, grp.params, kinds, space, str(dtype), [_short(n.target) for n in grp.nodes])
+        what = (backend, grp.pattern, grp.params, kinds, space, str(dtype), [_short(n.target) for n in grp.nodes]) \
+            + ((in_dtypes,) if ops.startswith("dequant") else ())
         if backend == "cpu":  # compiled in: the streaming-store threshold and bf16 pairs (common.h.j2)
             what += (cpu.nt_bytes(), cpu.pairs())
         digest = hashlib.sha256(repr(what).encode()).hexdigest()[:8]  # same computation -> same kernel

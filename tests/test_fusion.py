@@ -95,6 +95,29 @@ class ScaleResidualRelu(nn.Module):
         return torch.relu(x * 0.5 + r)
 
 
+class DequantGelu(nn.Module):  # int8 weights, symmetric, one scale per column; then used
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("q", torch.randint(-128, 128, (ROWS, COLS), dtype=torch.int8))
+        self.scale = nn.Parameter(0.01 + 0.05 * torch.rand(COLS))
+
+    def forward(self, x):
+        return F.gelu(self.q[:x.shape[0]].to(x.dtype) * self.scale + x)
+
+
+class DequantAsymSilu(nn.Module):  # uint8, asymmetric: a zero point and a scale per row
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("q", torch.randint(0, 256, (ROWS, COLS), dtype=torch.uint8))
+        self.register_buffer("zero", torch.randint(100, 156, (ROWS, 1), dtype=torch.uint8))
+        self.scale = nn.Parameter(0.01 + 0.05 * torch.rand(ROWS, 1))
+
+    def forward(self, x):
+        n = x.shape[0]
+        w = (self.q[:n].to(x.dtype) - self.zero[:n].to(x.dtype)) * self.scale[:n]
+        return F.silu(w) * x
+
+
 def inputs(name, dtype):
     g = torch.Generator().manual_seed(7)
     if name == "position_gelu":  # 7 x 263 x 781: a batch of sequences
@@ -119,6 +142,8 @@ PATTERNS = {  # name -> (module builder, the kernel pattern expected in the repo
     "swiglu": (SwiGLU, "pointwise"),
     "position_gelu": (PositionGelu, "pointwise"),
     "residual_relu": (ScaleResidualRelu, "pointwise"),
+    "dequant_gelu": (DequantGelu, "pointwise"),  # dequantize prologues: integer tensors read by the kernel
+    "dequant_asym_silu": (DequantAsymSilu, "pointwise"),
 }
 
 
@@ -152,6 +177,11 @@ def test_fused_pattern_matches_eager_forward_and_backward(name, dtype):
         assert kernels[0]["ops"] == ["add.Tensor", "layer_norm"]
     if name == "position_gelu":
         assert kernels[0]["inputs"] == ["full", "inner:263"]
+    if name.startswith("dequant"):  # the integer tensors are the kernel's inputs, cast as it loads them
+        assert kernels[0]["name"].startswith("pointwise_dequant_") and "to.dtype" in kernels[0]["ops"]
+        assert kernels[0]["inputs"] == (["full", "vec", "full"] if name == "dequant_gelu" else ["full", "row", "row", "full"])
+        assert "const int8_t *restrict in0" in open(kernels[0]["source"]).read() if name == "dequant_gelu" else \
+            "const uint8_t *restrict in1" in open(kernels[0]["source"]).read()
     if kernels[0].get("backward") == "generated":  # LayerNorm / RMSNorm: a generated backward kernel
         assert KERNELS[kernels[0]["name"]].calls["backward"] >= 1
         _assert_grads_as_accurate_as_eager(build, xs, grads, grads_ref, dtype)
@@ -193,7 +223,7 @@ def test_streaming_stores_write_what_plain_stores_write(name, dtype, monkeypatch
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", [*PATTERNS, "dropout"])
+@pytest.mark.parametrize("name", [*[n for n in PATTERNS if not n.startswith("dequant")], "dropout"])
 def test_bf16_pairs_match_one_element_per_lane(name, monkeypatch):
     """bf16 rows of even length run two elements per 32-bit word (LO/HI/PK in common.h.j2), with
     plain and with streaming stores; DSC_BF16_PAIRS=0 turns that off. Pointwise kernels compute
@@ -420,7 +450,8 @@ def test_training_with_fusion_matches_eager(tmp_path, model_name, stages):
         assert_params_close(res["state"], ref_state, noise, f"fusion ZeRO-{stage} {model_name}")
 
 
-TRITON_PATTERNS = ["layernorm", "rmsnorm", "softmax", "bias_gelu_erf", "gelu_new", "swiglu", "position_gelu"]
+TRITON_PATTERNS = ["layernorm", "rmsnorm", "softmax", "bias_gelu_erf", "gelu_new", "swiglu", "position_gelu",
+                   "dequant_asym_silu"]
 
 
 @pytest.mark.parametrize("name", TRITON_PATTERNS)
@@ -771,6 +802,29 @@ def test_a_group_whose_gradients_pass_through_needs_no_backward_kernel():
     _, _, grads_ref = run(DropoutOffResidual(), xs, fused=False)
     for g, r in zip(grads, grads_ref):
         assert torch.equal(g, r)
+
+
+class DequantOnly(nn.Module):  # no float input at all: the kernel's dtype is its output's
+    def forward(self, q):
+        w = q.to(torch.bfloat16)
+        return w * 0.02 - 1.0, w * 0.5
+
+
+def test_a_dequantize_only_group_runs_in_its_outputs_dtype():
+    """A group whose only inputs are integers (an int8 tensor dequantized to bf16, two outputs):
+    the kernel runs in the dtype its outputs have; no gradient is involved. The bf16 pairs path is
+    off for integer inputs (two int8 do not make a 32-bit word)."""
+    q = torch.randint(-128, 128, (ROWS, COLS), dtype=torch.int8)
+    compiled = dsc.compile(DequantOnly(), {"fusion": {"enabled": True}}, example_inputs=(q,))
+    (kernel,) = compiled.report()["kernels"]
+    assert kernel["name"].startswith("pointwise_dequant_") and kernel["dtype"] == "bfloat16"
+    src = open(kernel["source"]).read()
+    assert "const int8_t *restrict in0" in src and "const int pairs = 0 && cols % 2 == 0;" in src
+    got, ref = compiled(q), DequantOnly()(q)
+    assert KERNELS[kernel["name"]].calls["kernel"] >= 1 and got[0].dtype == torch.bfloat16
+    for g, r in zip(got, ref):  # eager rounds after each op, the kernel once: one bf16 step apart at most
+        torch.testing.assert_close(g.float(), r.float(), rtol=8e-3, atol=8e-3)
+    assert torch.equal(got[1], ref[1])  # q * 0.5: exact either way
 
 
 class ManyOps(nn.Module):  # every derivative rule of _grad_terms in one pointwise group
