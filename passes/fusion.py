@@ -431,8 +431,10 @@ class Kernel:
         inputs and the outputs' gradients in, one gradient per input over the iteration space out,
         summed to the input's shape where it was broadcast), or None when it does not apply."""
         dtype, grads = self.float_dtype(xs), grads[:self.n_out]  # (the seed's "gradient" is a zero scalar)
+        if all(g is None for g in grads):  # no output's value reached the loss
+            return [None] * len(xs)
         device = self._device(xs[0])
-        if dtype not in cpu.DTYPES or any(x.dtype != (dtype if d is None else d) or x.device.type != device
+        if dtype not in cpu.DTYPES or (self.has_int_inputs and dtype != self.out_dtype) or any(x.dtype != (dtype if d is None else d) or x.device.type != device
                                           for x, d in zip(xs, self.input_dtypes)) or \
                 [tuple(x.shape) for x in xs] != self.input_shapes or \
                 any(g is not None and (g.dtype != dtype or tuple(g.shape) != self.shape) for g in grads):
@@ -523,6 +525,7 @@ class Kernel:
         fn, red, _ = built
         cols = self.cols
         rows = self.rows
+        w = w.contiguous() if w is not None else None  # (a weight sliced from a larger parameter)
         if self.backend == "triton":
             got = []
             launch = lambda: got.extend(fn(x.contiguous(), w, dy.contiguous(), rows, cols, float(self.params["eps"])))  # noqa: E731
@@ -553,7 +556,9 @@ class Kernel:
             first = xs[0] if xs[0] is not None else next(x for x in xs if x is not None)
         dtype = first.dtype if not self.has_int_inputs else self.float_dtype(xs)
         cuda = self.backend == "triton" and first.is_cuda  # where the kernel runs (see _device)
-        usable = dtype in cpu.DTYPES and len(xs) == len(self.input_shapes) and all(
+        # (a dequantizing group computes in its cast's target dtype, fixed when the graph was captured)
+        usable = dtype in cpu.DTYPES and len(xs) == len(self.input_shapes) and \
+            (not self.has_int_inputs or dtype == self.out_dtype) and all(
             x is None or (x.dtype == (dtype if d is None else d) and (x.is_cuda if cuda else x.is_cpu) and x.shape == s)
             for x, s, d in zip(xs, self.input_shapes, self.input_dtypes))
         seeds = [torch.randint(0, 1 << 32, (), dtype=torch.int64, device=first.device)] if self.seeded else []
@@ -664,6 +669,7 @@ class _Fused(torch.autograd.Function):
         kernel = KERNELS[name]
         outs = kernel(list(xs))
         ctx.name, ctx.n_in = name, len(xs)
+        ctx.set_materialize_grads(False)  # an output without a gradient arrives as None, not zeros
         ctx.save_for_backward(*xs, *outs[len(outs) - kernel.seeded:])
         device = "cuda" if next(x for x in xs if x is not None).is_cuda else "cpu"
         ctx.autocast = (device, bool(_any_autocast() and torch.is_autocast_enabled(device)),

@@ -761,11 +761,18 @@ def test_pointwise_backward_kernel_writes_each_distinct_gradient_once():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("build", [ResidualLayerNorm, ResidualLayerNormOnly], ids=["h_used_again", "h_norm_only"])
-def test_residual_layernorm_backward_kernel_gives_x_and_r_one_gradient(build, dtype):
+def test_residual_layernorm_backward_kernel_gives_x_and_r_one_gradient(build, dtype, monkeypatch):
     """h = x + r -> LayerNorm(h), one kernel: its generated backward recomputes h from x and r and
     adds h's own gradient (when the graph uses h again, as a transformer's residual stream does) to
-    the norm's. x and r get that one gradient, as eager's add gives them; every gradient at least
-    as accurate as eager's against float64."""
+    the norm's; when nothing else uses h, its gradient is None (not a tensor of zeros to read). x
+    and r get that one gradient, as eager's add gives them; every gradient at least as accurate as
+    eager's against float64."""
+    from dsc.passes.fusion import Kernel
+
+    seen = []
+    real = Kernel.residual_norm_backward
+    monkeypatch.setattr(Kernel, "residual_norm_backward",
+                        lambda self, xs, dh, dy: seen.append(dh is None) or real(self, xs, dh, dy))
     xs = inputs("residual_layernorm", dtype)
     torch.manual_seed(0)
     compiled, y, grads = run(build().to(dtype), xs, fused=True)
@@ -773,10 +780,94 @@ def test_residual_layernorm_backward_kernel_gives_x_and_r_one_gradient(build, dt
     assert kernel["ops"] == ["add.Tensor", "layer_norm"] and kernel["backward"] == "generated"
     assert "+ hs * LD(dhr[c])" in open(kernel["backward_source"]).read()
     assert KERNELS[kernel["name"]].calls["backward"] >= 1
+    assert seen == [build is ResidualLayerNormOnly]  # h's gradient: None when only the norm reads h
     assert torch.equal(grads[0], grads[1])  # x's and r's
     torch.manual_seed(0)
     _, _, grads_ref = run(build().to(dtype), xs, fused=False)
     _assert_grads_as_accurate_as_eager(build, xs, grads, grads_ref, dtype)
+
+
+class StridedWeightLayerNorm(nn.Module):  # the norm's weight and bias: columns of larger parameters
+    def __init__(self, residual: bool):
+        super().__init__()
+        self.w = nn.Parameter(1.0 + 0.1 * torch.randn(COLS, 2))
+        self.b = nn.Parameter(0.1 * torch.randn(COLS, 2))
+        self.residual = residual
+
+    def forward(self, x, r):
+        h = x + r if self.residual else x
+        y = F.layer_norm(h, (COLS,), self.w[:, 0], self.b[:, 0])
+        return y + h if self.residual else y * r
+
+
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "plain"])
+def test_layernorm_backward_kernel_reads_a_strided_weight(residual):
+    """A LayerNorm weight that is a strided view (a column of a larger parameter) reaches the
+    backward kernel contiguous: it reads w[c] at stride 1 (found by review: dx was off by up to 9.7)."""
+    xs = inputs("residual_layernorm", torch.float32)
+    build = lambda: StridedWeightLayerNorm(residual)  # noqa: E731
+    torch.manual_seed(0)
+    compiled, _, grads = run(build(), xs, fused=True)
+    (kernel,) = compiled.report()["kernels"]
+    assert kernel["pattern"] == "layernorm" and kernel["backward"] == "generated"
+    assert KERNELS[kernel["name"]].calls["backward"] >= 1
+    torch.manual_seed(0)
+    _, _, grads_ref = run(build(), xs, fused=False)
+    _assert_grads_as_accurate_as_eager(build, xs, grads, grads_ref, torch.float32)
+
+
+class DequantWide(nn.Module):  # int16 / int32 values that bf16 cannot hold exactly (above 256)
+    def __init__(self, qtype):
+        super().__init__()
+        self.register_buffer("q", torch.randint(1000, 1100, (ROWS, COLS)).to(qtype))
+        self.register_buffer("zero", torch.full((COLS,), 1050).to(qtype))
+        self.scale = nn.Parameter(torch.full((COLS,), 0.01))
+
+    def forward(self, x):
+        n = x.shape[0]
+        return (self.q[:n].to(x.dtype) - self.zero.to(x.dtype)) * self.scale + x
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("qtype", [torch.int16, torch.int32], ids=["int16", "int32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dequantize_of_wide_integers_rounds_as_eagers_cast(dtype, qtype, backend):
+    """Eager's `q.to(bf16)` rounds an integer above 256 to bf16 before anything else; the kernel
+    does the same (int -> float -> bf16 -> float on load), so (q - zero) * scale is eager's within
+    one rounding of the result, not off by a rounding of q (up to 0.04 here)."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET was not set before triton was imported (see conftest.py)")
+    torch.manual_seed(0)
+    module = DequantWide(qtype).to(dtype)
+    rows = 67 if backend == "triton" else ROWS  # the interpreter is slow
+    x = (0.1 * torch.randn(rows, COLS)).to(dtype)
+    compiled = dsc.compile(module, {"fusion": {"enabled": True, "backend": backend}}, example_inputs=(x,))
+    (kernel,) = compiled.report()["kernels"]
+    assert kernel["name"].startswith("pointwise_dequant_") and kernel["backend"] == backend
+    with torch.no_grad():
+        got, ref = compiled(x), module(x)
+    assert KERNELS[kernel["name"]].calls["kernel"] >= 1
+    tol = 1e-6 if dtype == torch.float32 else 4e-3  # bf16: one rounding at |y| <= 0.6
+    torch.testing.assert_close(got.float(), ref.float(), rtol=0, atol=tol)
+
+
+def test_a_dequantize_group_called_in_another_dtype_runs_the_unfused_ops():
+    """The dequantizing cast's target dtype was fixed when the graph was captured (fp32 here):
+    called with the model's floats in bf16, the kernel would compute in the wrong dtype, so the
+    group runs its unfused ops instead, exactly as the captured graph says."""
+    torch.manual_seed(0)
+    module = DequantGelu()
+    x = inputs("dequant_gelu", torch.float32)[0]
+    compiled = dsc.compile(module, {"fusion": {"enabled": True}}, example_inputs=(x,))
+    plain = dsc.compile(module, {}, example_inputs=(x,))
+    (kernel,) = compiled.report()["kernels"]
+    module.to(torch.bfloat16)
+    calls = dict(KERNELS[kernel["name"]].calls)
+    with torch.no_grad():
+        got, ref = compiled(x.bfloat16()), plain(x.bfloat16())
+    after = KERNELS[kernel["name"]].calls
+    assert (after["fallback"] - calls["fallback"], after["kernel"] - calls["kernel"]) == (1, 0)
+    assert got.dtype == ref.dtype and torch.equal(got, ref)
 
 
 class DropoutOffResidual(nn.Module):  # GPT's `x + drop(attn(x))` with dropout 0: an add, for autograd
