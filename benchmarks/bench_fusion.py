@@ -58,6 +58,15 @@ class ResidualLayerNorm(nn.Module):  # the residual stream: h = x + r feeds the 
         return self.ln(h), h
 
 
+class DequantGelu(nn.Module):  # int8 weights, one scale per column, dequantized and used
+    def __init__(self, n):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((n,), 0.02))
+
+    def forward(self, x, q):
+        return F.gelu(q.to(x.dtype) * self.scale + x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, n):
         super().__init__()
@@ -130,8 +139,18 @@ PATTERNS = {
     "swiglu": (SwiGLU, 2, 0, 1),
     "residual_scale": (ResidualScale, 2, 0, 1),
     "bias_gelu_dropout": (BiasGeluDropoutResidual, 2, 0, 1),
+    "dequant_gelu": (DequantGelu, 2, 0, 1),  # its second full input is int8 (INT8_LAST)
 }
+INT8_LAST = {"dequant_gelu"}  # patterns whose last full-size input is an int8 tensor
 RANDOM = {"bias_gelu_dropout"}  # dsc draws other masks than eager: no error column
+
+
+def make_inputs(name: str, rows: int, cols: int, dtype, n_full: int, n_vec: int) -> list:
+    """A pattern's inputs: full-size tensors (the last one int8 for INT8_LAST), then masks."""
+    xs = [torch.randn(rows, cols, device=DEVICE).to(dtype) for _ in range(n_full)]
+    if name in INT8_LAST:
+        xs[-1] = torch.randint(-128, 128, (rows, cols), dtype=torch.int8, device=DEVICE)
+    return xs + [torch.where(torch.rand(cols, device=DEVICE) < 0.1, float("-inf"), 0.0).to(dtype) for _ in range(n_vec)]
 
 
 def _first(out):
@@ -254,11 +273,10 @@ def bench_pattern(name, rows, cols, dtype, reps):
     build, n_full, n_vec, n_out = PATTERNS[name]
     torch.manual_seed(0)
     module = build(cols).to(device=DEVICE, dtype=dtype)
-    xs = [torch.randn(rows, cols, device=DEVICE).to(dtype) for _ in range(n_full)]
-    xs += [torch.where(torch.rand(cols, device=DEVICE) < 0.1, float("-inf"), 0.0).to(dtype) for _ in range(n_vec)]
+    xs = make_inputs(name, rows, cols, dtype, n_full, n_vec)
     params = sum(p.numel() for p in module.parameters())
     elt = xs[0].element_size()
-    ideal = elt * (rows * cols * (n_full + n_out) + cols * n_vec + params)
+    ideal = sum(x.numel() * x.element_size() for x in xs) + elt * (rows * cols * n_out + params)
     compiled = _inductor(module)
     fused = dsc.compile(module, {"fusion": {"enabled": True}}, example_inputs=tuple(xs))
     kernels = [k["name"] for k in fused.report()["kernels"]]
@@ -323,8 +341,9 @@ def in_cache_rate(module, xs, n_big: int, reps: int = 200) -> float:
                 fused(*small)
         finally:
             kernel.compiled[x0.dtype] = fn
-    ideal = elt * (rows * cols * n_big + sum(x.numel() for x in small if x.shape[0] != rows)
-                   + sum(p.numel() for p in module.parameters()))
+    n_out = n_big - sum(1 for x in small if x.dim() == 2 and x.shape[0] == rows)  # n_big: inputs + outputs
+    ideal = sum(x.numel() * x.element_size() for x in small) + elt * (rows * cols * n_out
+                                                                       + sum(p.numel() for p in module.parameters()))
     return ideal / statistics.median(times)
 
 
@@ -395,15 +414,14 @@ def bench_backward(name: str, rows: int, cols: int, dtype, reps: int) -> dict:
     build, n_full, n_vec, _ = PATTERNS[name]
     torch.manual_seed(0)
     module = build(cols).to(device=DEVICE, dtype=dtype)
-    xs = [torch.randn(rows, cols, device=DEVICE).to(dtype) for _ in range(n_full)]
-    xs += [torch.where(torch.rand(cols, device=DEVICE) < 0.1, float("-inf"), 0.0).to(dtype) for _ in range(n_vec)]
+    xs = make_inputs(name, rows, cols, dtype, n_full, n_vec)
     fused = dsc.compile(module, {"fusion": {"enabled": True}}, example_inputs=tuple(xs))
     compiled = _inductor(module)
     generated = fusion.Kernel.__dict__["has_backward"]
 
     def step(fn):
         def go():
-            ins = [x.detach().requires_grad_(i < n_full) for i, x in enumerate(xs)]
+            ins = [x.detach().requires_grad_(i < n_full and x.is_floating_point()) for i, x in enumerate(xs)]
             out = fn(*ins)
             sum(o.float().sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
         return go
