@@ -24,6 +24,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_dp.py
 	$(BIN)/python benchmarks/bench_zero.py
 	$(BIN)/python benchmarks/bench_tp.py
+	$(BIN)/python benchmarks/bench_fusion.py
 
 clean:
 	rm -rf $(VENV) dsc_out .pytest_cache
