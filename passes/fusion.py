@@ -110,6 +110,9 @@ def _sub(a, kw, L):
     return f"({x} - {y})" if alpha == 1 else f"({x} - {L(alpha)} * {y})"
 
 
+_POW_EXPONENTS = (2.0, 3.0, 1.0, 0.5, -1.0, -0.5)
+
+
 def _pow(a, kw, L):
     table = {2.0: "({0} * {0})", 3.0: "({0} * {0} * {0})", 1.0: "({0})", 0.5: "v_sqrt({0})",
              -1.0: "v_recip({0})", -0.5: "v_rsqrt({0})"}
@@ -240,7 +243,7 @@ class Kernel:
         self.name, self.pattern, self.params, self.backend = name, group.pattern, dict(group.params), backend
         self.ref, self.kinds, self.shape, self.cols = ref, kinds, tuple(shape), cols
         self.replaced = [_short(n.target) for n in group.nodes]
-        self.input_shapes = [tuple(_val(x).shape) for x in group.inputs]
+        self.input_shapes = [tuple(_val(x).shape) if x is not None else None for x in group.inputs]
         # integer inputs (read through a dequantizing cast) keep their dtype whatever the kernel's is
         self.input_dtypes = [_val(x).dtype if x is not None and _val(x).dtype in INT_TYPES else None
                              for x in group.inputs]
@@ -465,7 +468,8 @@ class Kernel:
         x, mask = (list(xs) + [None])[:2]
         dtype = x.dtype
         if dtype not in cpu.DTYPES or dy.dtype != dtype or x.device.type != self._device(x) or \
-                tuple(x.shape) != self.input_shapes[0] or (mask is not None and (mask.dtype != dtype or needs[1])):
+                tuple(x.shape) != self.input_shapes[0] or (mask is not None and (
+                    mask.dtype != dtype or needs[1] or tuple(mask.shape) != self.input_shapes[1])):
             return None
         built = self._backward_kernel(dtype)
         if built is None:
@@ -680,7 +684,28 @@ class _Fused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        if torch.is_grad_enabled():  # create_graph=True (a gradient penalty): a differentiable backward
+            return (None, *_differentiable_backward(ctx.name, ctx.saved_tensors, ctx.n_in, ctx.autocast, grads))
         return (None, *_backward(ctx.name, ctx.saved_tensors, ctx.n_in, ctx.autocast, grads, ctx.needs_input_grad[1:]))
+
+
+def _differentiable_backward(name: str, saved, n_in: int, autocast, grads) -> list:
+    """The inputs' gradients as a graph that can itself be differentiated (backward with
+    create_graph=True): the unfused ops recomputed from the saved inputs, not detached, and
+    differentiated with create_graph. The kernels' own backward has no second derivative."""
+    device, enabled, dtype = autocast
+    kernel = KERNELS[name]
+    xs = list(saved[:n_in])
+    with torch.autocast(device, dtype=dtype, enabled=enabled):
+        outs = kernel.ref(*xs, *saved[n_in:])
+    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+    need = [x for x in xs if x is not None and x.requires_grad]
+    if not pairs or not need:
+        return [None] * len(xs)
+    got = iter(torch.autograd.grad([o for o, _ in pairs], need, [g for _, g in pairs], allow_unused=True,
+                                   create_graph=True))
+    return [next(got) if x is not None and x.requires_grad else None for x in xs]
 
 
 def _backward(name: str, saved, n_in: int, autocast, grads, needs: tuple) -> list:
@@ -737,6 +762,10 @@ def _float_tensor(n) -> bool:
 def _pointwise_ok(n: torch.fx.Node) -> bool:
     if n.op != "call_function" or n.target not in OPS or not _float_tensor(n):
         return False
+    if n.target is aten.pow.Tensor_Scalar and float(n.args[1]) not in _POW_EXPONENTS:
+        return False  # no code for this exponent
+    if n.target is aten.rsub.Scalar and (n.args[2] if len(n.args) > 2 else n.kwargs.get("alpha", 1)) != 1:
+        return False  # other - alpha * x: not emitted
     dt = _val(n).dtype
     ins = [_val(x) for x in n.all_input_nodes if isinstance(_val(x), torch.Tensor)]
     if n.target in CASTS:
@@ -948,11 +977,12 @@ def find_softmaxes(graph, taken) -> list[Group]:
         if n in taken or n.target not in (aten._softmax.default, aten.softmax.int) or not _float_tensor(n):
             continue
         x = n.args[0]
-        if n.args[1] not in (-1, _val(x).dim() - 1) or (n.target is aten._softmax.default and n.args[2]):
+        if n.args[1] not in (-1, _val(x).dim() - 1) or (n.target is aten._softmax.default and n.args[2]) or \
+                _val(x).dtype != _val(n).dtype:  # (softmax(x, dtype=...) computes in another dtype)
             continue
         nodes, mask, scale = [n], None, 1.0
         if getattr(x, "target", None) is aten.add.Tensor and len(x.users) == 1 and x not in taken and \
-                isinstance(x.args[1], torch.fx.Node):
+                isinstance(x.args[1], torch.fx.Node) and x.kwargs.get("alpha", 1) == 1:
             m = x.args[1]
             ms = list(_val(m).shape)
             while ms and ms[0] == 1:
@@ -1109,6 +1139,43 @@ def _pointwise_grad(group: Group, body: list, env: dict, drops: dict, lang: str 
     return {"body": lines, "outputs": outputs, "grads": grads}
 
 
+def _alias_base(n):
+    """The tensor `n` is a view of (following ops whose result aliases their first argument:
+    views, and in-place ops, which return their input), or `n` itself."""
+    while isinstance(n, torch.fx.Node) and n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) \
+            and n.args and n.target._schema.returns and n.target._schema.returns[0].alias_info is not None:
+        n = n.args[0]
+    return n
+
+
+def _mutated_bases(graph: torch.fx.Graph) -> set:
+    """The tensors the graph modifies in place (through any view of them): export's training
+    graph keeps in-place ops such as `h.mul_(3)`."""
+    out = set()
+    for n in graph.nodes:
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+            continue
+        for arg, spec in zip(n.args, n.target._schema.arguments):
+            if spec.alias_info is not None and spec.alias_info.is_write and isinstance(arg, torch.fx.Node):
+                out.add(_alias_base(arg))
+    return out
+
+
+def _unsafe(group: Group, mutated: set) -> str | None:
+    """Why fusing `group` could change the result, or None. The fused call runs where `_place`
+    puts it and saves its inputs for backward, so an input modified in place anywhere in the graph
+    could be read after the change, or fail autograd's version check in backward. A kernel writes
+    row-major outputs, where eager may keep a transposed or channels-last input's layout for a
+    later view to rely on."""
+    if any(x is not None and _alias_base(x) in mutated for x in group.inputs):
+        return "an input (or a tensor it views) is modified in place in the graph: the fused call could read it " \
+               "after the change, or save it for a backward that then fails"
+    if any(not _val(o).is_contiguous() for o in group.outputs):
+        return "an output keeps a non-row-major layout in eager (transposed or channels-last) that a kernel's " \
+               "row-major output would change"
+    return None
+
+
 def _place(graph: torch.fx.Graph, group: Group) -> torch.fx.Node | None:
     """Where the fused call goes: before the first outside use of any output, after every input."""
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -1170,8 +1237,13 @@ def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
         groups += pw
         declined += why_not
     kernels = []
+    mutated = _mutated_bases(graph)
     for grp in groups:
         grp.refresh()
+        why = _unsafe(grp, mutated)
+        if why:
+            declined.append({"what": ", ".join(n.name for n in grp.nodes), "reason": why})
+            continue
         ref = _reference(grp)
         space = tuple(_val(grp.outputs[0]).shape)
         cols = space[-1] if space else 1
@@ -1187,7 +1259,8 @@ def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
             ops = "dequant" + ("_" + ops if ops else "")
         dtype = _val(grp.outputs[0]).dtype
         what = (backend, grp.pattern, grp.params, kinds, space, str(dtype), [_short(n.target) for n in grp.nodes]) \
-            + ((in_dtypes,) if ops.startswith("dequant") else ())
+            + ((in_dtypes,) if ops.startswith("dequant") else ()) \
+            + ([tuple(_val(x).shape) if x is not None else None for x in grp.inputs],)  # (a softmax mask's rows)
         if backend == "cpu":  # compiled in: the streaming-store threshold and bf16 pairs (common.h.j2)
             what += (cpu.nt_bytes(), cpu.pairs())
         digest = hashlib.sha256(repr(what).encode()).hexdigest()[:8]  # same computation -> same kernel
