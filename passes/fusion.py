@@ -258,6 +258,8 @@ class Kernel:
         self._pool: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self._autocast: dict = {}  # input dtypes + autocast dtype -> dtype the kernel runs in
         self._cargs: tuple | None = None  # the C kernel's constant arguments (_c_args)
+        self._launched: set = set()  # dtypes whose Triton kernel has launched (compiled) once
+        self.entry: dict | None = None  # its entry in the report's `kernels` (runtime fallbacks)
 
     def _autocast_inputs(self, xs: list) -> list:
         """Under autocast, eager would run the group's ops with autocast's casts (LayerNorm in fp32,
@@ -567,19 +569,31 @@ class Kernel:
             for x, s, d in zip(xs, self.input_shapes, self.input_dtypes))
         seeds = [torch.randint(0, 1 << 32, (), dtype=torch.int64, device=first.device)] if self.seeded else []
         if not usable:
-            self.calls["fallback"] += 1
-            out = self.ref(*xs, *seeds)
-            return [o.contiguous() for o in (out if isinstance(out, (tuple, list)) else (out,))] + seeds
+            return self._unfused(xs, seeds)
         fn = self.compiled.get(dtype)
-        if fn is None:
-            self.build(dtype)
-            fn = self.compiled[dtype]
+        if fn is None:  # a dtype the compile did not build (autocast): built now
+            try:
+                self.build(dtype)
+                fn = self.compiled[dtype]
+            except Exception as exc:  # noqa: BLE001 - the unfused ops still compute the result
+                fn = self._give_up(dtype, f"its {str(dtype).replace('torch.', '')} kernel did not compile ({exc})")
+        if fn is False:
+            return self._unfused(xs, seeds)
         self.calls["kernel"] += 1
         xs = [x.contiguous() if x is not None else None for x in xs]
         device = first.device if cuda or not first.is_cpu else None  # None: the CPU (cpu.empty)
         outs = [self._output(i, dtype, device) for i in range(self.n_out)]
         if self.backend == "triton":
-            fn(xs, outs, self.rows, self.cols, **({"seed": seeds[0]} if seeds else {}), **self.params)
+            if dtype in self._launched:
+                fn(xs, outs, self.rows, self.cols, **({"seed": seeds[0]} if seeds else {}), **self.params)
+                return outs + seeds
+            try:  # Triton compiles at the first launch: a refusal shows up here, once
+                fn(xs, outs, self.rows, self.cols, **({"seed": seeds[0]} if seeds else {}), **self.params)
+            except Exception as exc:  # noqa: BLE001
+                self.calls["kernel"] -= 1
+                self._give_up(dtype, f"its Triton kernel failed at the first launch ({exc})")
+                return self._unfused(xs, seeds)
+            self._launched.add(dtype)
             return outs + seeds
         # the C kernel's pointer arguments, in its order, then its constant arguments (made once)
         if self.pattern == "pointwise":
@@ -593,6 +607,21 @@ class Kernel:
         fn(*[p.data_ptr() if p is not None else None for p in ptrs], *self._c_args(fn, len(ptrs)),
            *[ctypes.c_uint32(int(t)) for t in seeds])
         return outs + seeds
+
+    def _unfused(self, xs: list, seeds: list) -> list:
+        """The group's original ops, for a call the kernel cannot take."""
+        self.calls["fallback"] += 1
+        out = self.ref(*xs, *seeds)
+        return [o.contiguous() for o in (out if isinstance(out, (tuple, list)) else (out,))] + seeds
+
+    def _give_up(self, dtype: torch.dtype, why: str) -> bool:
+        """The kernel for `dtype` cannot run (a compiler refused it at run time): from now on the
+        group runs its original ops, with a warning, and the report's entry says why."""
+        warnings.warn(f"{self.name}: {why}; its ops run unfused from now on")
+        self.compiled[dtype] = False
+        if self.entry is not None:
+            self.entry.setdefault("runtime_fallback", {})[str(dtype).replace("torch.", "")] = why
+        return False
 
     def _c_args(self, fn, n_ptrs: int) -> tuple:
         """The C kernel's arguments after its pointers: sizes and the pattern's constants, which
@@ -1312,6 +1341,7 @@ def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
                     kernel._bwd[dtype] = None
                     entry["backward_declined"] = f"backward kernel did not compile: {exc}"
             kernels.append(entry)
+        kernel.entry = entry
         entry["uses"] += 1
         entry["nodes"].append([n.name for n in grp.nodes])
     graph.lint()

@@ -692,6 +692,41 @@ def test_a_backward_kernel_the_compiler_refuses_falls_back_to_recompute(monkeypa
     assert calls["kernel"] == before["kernel"] + 1 and calls["backward"] == before["backward"]
 
 
+def test_a_kernel_that_fails_at_run_time_falls_back_to_the_unfused_ops(monkeypatch):
+    """Kernels can still fail after the compile: Triton compiles at the first launch, and a dtype
+    the compile did not build (bf16 inputs to an fp32-compiled model, autocast) is built at the
+    first call. Either failure now runs the group's original ops, with one warning and the reason
+    in the report's entry (`runtime_fallback`), instead of failing the model's call."""
+    from dsc.codegen import cpu as cpu_backend
+    from dsc.passes import fusion
+
+    a, b = torch.randn(61, COLS), torch.randn(61, COLS)  # a shape no other test uses: kernels are shared by name
+    backends = ["cpu"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+    for backend in backends:
+        compiled = dsc.compile(SwiGLU(), {"fusion": {"enabled": True, "backend": backend}}, example_inputs=(a, b))
+        [entry] = compiled.report()["kernels"]
+        kernel = KERNELS[entry["name"]]
+        if backend == "triton":  # the first launch is Triton's compile: a refusal is an exception there
+            def refuse(*args, **kwargs):
+                raise RuntimeError("PassManager::run failed (simulated)")
+            kernel.compiled[torch.float32] = refuse
+            xs, dtype = (a, b), torch.float32
+        else:  # bf16 inputs: the bf16 kernel is built at this call, and the compiler refuses it
+            def refuse_cc(*args, **kwargs):
+                raise cache.CompileError("cc: error: (simulated)")
+            monkeypatch.setattr(cpu_backend, "compile_kernel", refuse_cc)
+            xs, dtype = (a.bfloat16(), b.bfloat16()), torch.bfloat16
+        before = dict(kernel.calls)
+        with pytest.warns(UserWarning, match="simulated"):
+            got = compiled(*xs)
+        torch.testing.assert_close(got, SwiGLU()(*xs), rtol=0, atol=0)
+        assert compiled(*xs).dtype == dtype  # a second call: unfused again, without a new warning
+        assert (kernel.calls["fallback"] - before["fallback"], kernel.calls["kernel"] - before["kernel"]) == (2, 0)
+        fallback = compiled.report()["kernels"][0]["runtime_fallback"]
+        assert "simulated" in fallback[str(dtype).replace("torch.", "")], fallback
+        monkeypatch.undo()
+
+
 def _advised_huge(t: torch.Tensor) -> bool:
     """Whether a mapping that overlaps t's bytes carries MADV_HUGEPAGE ("hg" in its VmFlags in
     /proc/self/smaps; advice splits a mapping, the advised part being a mapping of its own). The
