@@ -110,13 +110,12 @@ def _sub(a, kw, L):
     return f"({x} - {y})" if alpha == 1 else f"({x} - {L(alpha)} * {y})"
 
 
-_POW_EXPONENTS = (2.0, 3.0, 1.0, 0.5, -1.0, -0.5)
+_POW_CODE = {2.0: "({0} * {0})", 3.0: "({0} * {0} * {0})", 1.0: "({0})", 0.5: "v_sqrt({0})",
+             -1.0: "v_recip({0})", -0.5: "v_rsqrt({0})"}  # the exponents a kernel computes
 
 
 def _pow(a, kw, L):
-    table = {2.0: "({0} * {0})", 3.0: "({0} * {0} * {0})", 1.0: "({0})", 0.5: "v_sqrt({0})",
-             -1.0: "v_recip({0})", -0.5: "v_rsqrt({0})"}
-    return table[float(a[1])].format(a[0]) if float(a[1]) in table else None
+    return _POW_CODE[float(a[1])].format(a[0]) if float(a[1]) in _POW_CODE else None
 
 
 def _gelu(a, kw, L):
@@ -791,7 +790,7 @@ def _float_tensor(n) -> bool:
 def _pointwise_ok(n: torch.fx.Node) -> bool:
     if n.op != "call_function" or n.target not in OPS or not _float_tensor(n):
         return False
-    if n.target is aten.pow.Tensor_Scalar and float(n.args[1]) not in _POW_EXPONENTS:
+    if n.target is aten.pow.Tensor_Scalar and float(n.args[1]) not in _POW_CODE:
         return False  # no code for this exponent
     if n.target is aten.rsub.Scalar and (n.args[2] if len(n.args) > 2 else n.kwargs.get("alpha", 1)) != 1:
         return False  # other - alpha * x: not emitted
