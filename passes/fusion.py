@@ -5,7 +5,11 @@ fuses this rank's local ops.
 Guarantees: every fused group is replaced by one call of a custom op `torch.ops.dsc_fused.<name>`
 (a torch.library op with a fake implementation, so the graph stays traceable and `rankR.py`
 shows the kernel by name) that returns the group's escaping values; ops it could not fuse stay as
-they were and are listed, with the reason, in the pass record's `declined`.
+they were and are listed, with the reason, in the pass record's `declined`. A group is declined
+where a kernel could change the result (`_unsafe`: an input modified in place in the graph, an
+output eager keeps non-row-major; ops a kernel does not compute as eager does stay out of groups).
+At run time a kernel that cannot run (Triton's compile at the first launch, a dtype built at its
+first call) makes its group run the original ops from then on, with a warning.
 `ctx.artifacts["kernels"]`: one entry per generated kernel (name, backend, pattern, the ops it
 replaced, its source file).
 Reads node.meta: `val`. Writes node.meta: `val` on new nodes, `dsc.kernel` on fused nodes.
@@ -38,7 +42,8 @@ autocast is off (pointwise groups: under autocast too):
   gradients are all an output's (an add after a dropout of p = 0) needs no kernel ("pass-through").
 Where a kernel does not apply (autocast for norms and softmax, other dtypes or shapes, a compiler
 that refused the backward), the group's original (unfused) ops are recomputed from the saved
-inputs under autograd. Only the inputs are saved.
+inputs under autograd. Only the inputs are saved. Under create_graph=True the recompute always
+runs, undetached, so second derivatives are eager's (the kernels have none).
 
 Dropout (p > 0, training) draws from a counter-based RNG instead of torch's generator: element i
 of a call with seed s is kept when a hash of (s, i) clears p (codegen/templates/common.h.j2). The
@@ -583,12 +588,11 @@ class Kernel:
         device = first.device if cuda or not first.is_cpu else None  # None: the CPU (cpu.empty)
         outs = [self._output(i, dtype, device) for i in range(self.n_out)]
         if self.backend == "triton":
-            if dtype in self._launched:
+            try:
                 fn(xs, outs, self.rows, self.cols, **({"seed": seeds[0]} if seeds else {}), **self.params)
-                return outs + seeds
-            try:  # Triton compiles at the first launch: a refusal shows up here, once
-                fn(xs, outs, self.rows, self.cols, **({"seed": seeds[0]} if seeds else {}), **self.params)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - Triton compiles at the first launch: a refusal shows here
+                if dtype in self._launched:
+                    raise  # it ran before: not a compile error
                 self.calls["kernel"] -= 1
                 self._give_up(dtype, f"its Triton kernel failed at the first launch ({exc})")
                 return self._unfused(xs, seeds)
@@ -712,19 +716,25 @@ class _Fused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        if torch.is_grad_enabled():  # create_graph=True (a gradient penalty): a differentiable backward
-            return (None, *_differentiable_backward(ctx.name, ctx.saved_tensors, ctx.n_in, ctx.autocast, grads))
         return (None, *_backward(ctx.name, ctx.saved_tensors, ctx.n_in, ctx.autocast, grads, ctx.needs_input_grad[1:]))
 
 
-def _differentiable_backward(name: str, saved, n_in: int, autocast, grads) -> list:
-    """The inputs' gradients as a graph that can itself be differentiated (backward with
-    create_graph=True): the unfused ops recomputed from the saved inputs, not detached, and
-    differentiated with create_graph. The kernels' own backward has no second derivative."""
+def _backward(name: str, saved, n_in: int, autocast, grads, needs: tuple) -> list:
+    """The inputs' gradients: the group's generated backward kernel where it applies, else its
+    original ops recomputed from the saved inputs (under the autocast the forward ran in; dropout
+    redraws its mask from the saved seed) and differentiated. Under create_graph=True (grad mode on
+    here: a gradient penalty) always the recompute, from the saved inputs themselves, not
+    detached, so that the result can be differentiated again: the kernels have no second
+    derivative."""
     device, enabled, dtype = autocast
     kernel = KERNELS[name]
-    xs = list(saved[:n_in])
-    with torch.autocast(device, dtype=dtype, enabled=enabled):
+    create_graph = torch.is_grad_enabled()
+    got = None if create_graph else kernel.generated_backward(saved, n_in, grads, needs, autocast)
+    if got is not None:
+        return got
+    xs = list(saved[:n_in]) if create_graph else \
+        [x.detach().requires_grad_(x.is_floating_point()) if x is not None else None for x in saved[:n_in]]
+    with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
         outs = kernel.ref(*xs, *saved[n_in:])
     outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
     pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
@@ -732,26 +742,7 @@ def _differentiable_backward(name: str, saved, n_in: int, autocast, grads) -> li
     if not pairs or not need:
         return [None] * len(xs)
     got = iter(torch.autograd.grad([o for o, _ in pairs], need, [g for _, g in pairs], allow_unused=True,
-                                   create_graph=True))
-    return [next(got) if x is not None and x.requires_grad else None for x in xs]
-
-
-def _backward(name: str, saved, n_in: int, autocast, grads, needs: tuple) -> list:
-    device, enabled, dtype = autocast
-    kernel = KERNELS[name]
-    got = kernel.generated_backward(saved, n_in, grads, needs, autocast)
-    if got is not None:
-        return got
-    xs = [x.detach().requires_grad_(x.is_floating_point()) if x is not None else None for x in saved[:n_in]]
-    # otherwise recompute as forward ran: under the same autocast
-    with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-        outs = kernel.ref(*xs, *saved[n_in:])  # + the seed: dropout redraws the same mask
-    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
-    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-    need = [x for x in xs if x is not None and x.requires_grad]
-    if not pairs or not need:
-        return [None] * len(xs)
-    got = iter(torch.autograd.grad([o for o, _ in pairs], need, [g for _, g in pairs], allow_unused=True))
+                                   create_graph=create_graph))
     return [next(got) if x is not None and x.requires_grad else None for x in xs]
 
 
