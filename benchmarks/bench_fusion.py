@@ -76,6 +76,12 @@ class RMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
 
 
+class ResidualRMSNorm(RMSNorm):  # Llama's residual stream: h = x + r feeds the norm and the next layer
+    def forward(self, x, r):
+        h = x + r
+        return super().forward(h), h
+
+
 class MaskedSoftmax(nn.Module):
     def __init__(self, n):
         super().__init__()
@@ -130,8 +136,9 @@ class BiasGeluDropoutResidual(nn.Module):  # GPT-2's MLP tail in training: dropo
 # name -> (module, number of full-size inputs, extra per-row-vector inputs, outputs)
 PATTERNS = {
     "layernorm": (LayerNorm, 1, 0, 1),
-    "residual_layernorm": (ResidualLayerNorm, 2, 0, 2),  # one kernel on the CPU; Triton: two ops
+    "residual_layernorm": (ResidualLayerNorm, 2, 0, 2),  # one kernel writes h and LN(h)
     "rmsnorm": (RMSNorm, 1, 0, 1),
+    "residual_rmsnorm": (ResidualRMSNorm, 2, 0, 2),
     "softmax_mask": (MaskedSoftmax, 1, 1, 1),
     "bias_gelu": (BiasGelu, 1, 0, 1),
     "bias_gelu_tanh": (lambda n: BiasGelu(n, "tanh"), 1, 0, 1),
@@ -154,7 +161,7 @@ def make_inputs(name: str, rows: int, cols: int, dtype, n_full: int, n_vec: int)
 
 
 def _first(out):
-    """A pattern's (first) output: residual_layernorm returns the norm and the sum h."""
+    """A pattern's (first) output: the residual norms return the norm and the sum h."""
     return out[0] if isinstance(out, tuple) else out
 
 

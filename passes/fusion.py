@@ -26,13 +26,15 @@ Patterns (plan `fusion.patterns`):
   integers (weight-only quantization); integer inputs get no gradient.
 - layernorm: `aten.layer_norm` over the last dimension (weight and bias optional).
 - rmsnorm: the decomposed RMSNorm of Llama-style models (pow 2, mean, add eps, rsqrt, mul, weight).
+  Either norm takes the residual add that computes its input (h = x + r, two same-shape tensors)
+  into its kernel, which then writes h and norm(h) in one pass (`_with_residual`).
 - softmax: softmax over the last dimension with an optional scale and additive mask prologue.
 
 Backward: every pattern has a generated backward kernel, in C and in Triton, applied when
 autocast is off (pointwise groups: under autocast too):
 - LayerNorm and RMSNorm (rownorm_bwd.c.j2 / .py.j2): dx and the weight/bias gradients in one pass
-  over x and dy. The C kernel also serves the residual add + LayerNorm group: it recomputes
-  h = x + r and adds h's own gradient, the gradient of both x and r.
+  over x and dy. With a residual add fused in front, it recomputes h = x + r and adds h's own
+  gradient: the result is the gradient of both x and r.
 - softmax (softmax_bwd.*): the probabilities recomputed per row, then y * (dy - sum(dy * y)),
   unless its mask needs a gradient of its own.
 - pointwise groups whose every op has a derivative rule (`_grad_terms`: all of the above): the
@@ -355,16 +357,15 @@ class Kernel:
         under TRITON_INTERPRET=1), the C backend CPU tensors."""
         return "cuda" if self.backend == "triton" and t.is_cuda else "cpu"
 
-    # -- generated backward (LayerNorm, RMSNorm, softmax and the pointwise groups whose every op has
-    # a derivative rule, in C and in Triton; the residual+LayerNorm group recomputes its ops) -----
+    # -- generated backward (LayerNorm, RMSNorm, with or without the residual add, softmax and the
+    # pointwise groups whose every op has a derivative rule, in C and in Triton) ---------------------
     @property
     def has_backward(self) -> bool:
         if self.pattern == "pointwise":
             return self.params.get("grad") is not None
         if self.pattern == "softmax":  # rows that fit the kernel's row buffer (softmax_bwd.c.j2)
             return self.cols <= SOFTMAX_ROW
-        # the residual add fused in front of a norm: the C kernel only (Triton does not fuse it)
-        return self.pattern in ("layernorm", "rmsnorm") and not (self.params.get("has_residual") and self.backend == "triton")
+        return self.pattern in ("layernorm", "rmsnorm")
 
     def build_backward(self, dtype: torch.dtype) -> str:
         """Compile (or find in the cache) the backward kernel for `dtype`; returns its source path."""
@@ -389,15 +390,14 @@ class Kernel:
                 fn, _, path = cpu.compile_kernel(src, f"{self.name}_bwd")
             self._bwd[dtype] = (fn, None, str(path))
             return str(path)
+        norm = {"kind": self.pattern, "name": self.name, "replaced": ", ".join(self.replaced),
+                "has_weight": self.params.get("has_weight", True), "has_bias": self.params.get("has_bias", False),
+                "has_residual": self.params.get("has_residual", False)}
         if self.backend == "triton":
-            src = cpu.render("rownorm_bwd.py.j2", kind=self.pattern, name=self.name, replaced=", ".join(self.replaced),
-                             has_weight=self.params.get("has_weight", True), has_bias=self.params.get("has_bias", False))
-            mod, path = triton_backend.load(src)
+            mod, path = triton_backend.load(cpu.render("rownorm_bwd.py.j2", **norm))
             self._bwd[dtype] = (mod.launch_backward, None, str(path))
             return str(path)
-        src = cpu.render("rownorm_bwd.c.j2", kind=self.pattern, name=self.name, dtype=cpu.DTYPES[dtype],
-                         replaced=", ".join(self.replaced), has_weight=self.params.get("has_weight", True),
-                         has_bias=self.params.get("has_bias", False), has_residual=self.params.get("has_residual", False))
+        src = cpu.render("rownorm_bwd.c.j2", dtype=cpu.DTYPES[dtype], **norm)
         fn, _, path = cpu.compile_kernel(src, f"{self.name}_bwd")
         red, _, _ = cpu.compile_kernel(src, f"{self.name}_bwd_reduce")
         self._bwd[dtype] = (fn, red, str(path))
@@ -538,7 +538,10 @@ class Kernel:
         w = w.contiguous() if w is not None else None  # (a weight sliced from a larger parameter)
         if self.backend == "triton":
             got = []
-            launch = lambda: got.extend(fn(x.contiguous(), w, dy.contiguous(), rows, cols, float(self.params["eps"])))  # noqa: E731
+            residual = {"rsd": rsd.contiguous(), "dh": dh.contiguous() if dh is not None else None} \
+                if self.params.get("has_residual") else {}
+            launch = lambda: got.extend(fn(x.contiguous(), w, dy.contiguous(), rows, cols, float(self.params["eps"]),  # noqa: E731
+                                           **residual))
             return got[:len(xs)] if self._launch_triton_backward(launch, dtype) else None
         blocks = min(rows, 64)  # fixed, not per thread: the weight gradient's sum order never changes
         x, dy = x.contiguous(), dy.contiguous()
@@ -602,7 +605,7 @@ class Kernel:
         if self.pattern == "pointwise":
             ptrs = [*xs, *outs]
         elif self.pattern in ("layernorm", "rmsnorm") and self.params.get("has_residual"):
-            ptrs = [xs[0], xs[1], outs[0], xs[2], xs[3], outs[1]]  # x, r -> h = x + r; w, b -> LN(h)
+            ptrs = [*xs[:2], outs[0], *(xs + [None])[2:4], outs[1]]  # x, r -> h = x + r; w, b -> norm(h)
         elif self.pattern in ("layernorm", "rmsnorm"):
             ptrs = [*(xs + [None, None])[:3], outs[0]]  # x, w, b -> y
         else:
@@ -933,24 +936,45 @@ def find_layernorms(graph, taken, residual: bool = True) -> list[Group]:
                 continue
             params = {"eps": eps, "has_weight": w is not None, "has_bias": b is not None, "has_residual": False}
             wb = [(0, 2) if w is not None else (None, None), (0, 3) if b is not None else (None, None)]
-            add = x
-            if residual and getattr(add, "target", None) is aten.add.Tensor and add not in taken and \
-                    not add.kwargs and all(isinstance(a, torch.fx.Node) and _val(a).shape == _val(add).shape
-                                           and _val(a).dtype == _val(n).dtype for a in add.args[:2]):
-                params["has_residual"] = True
-                out.append(Group("layernorm", [add, n], [add.args[0], add.args[1], w, b], [add, n], params,
-                                 [(0, 0), (0, 1), *[(i + 1 if i is not None else None, j) for i, j in wb]]))
-            else:
-                out.append(Group("layernorm", [n], [x, w, b], [n], params, [(0, 0), *wb]))
+            group = Group("layernorm", [n], [x, w, b], [n], params, [(0, 0), *wb])
+            out.append(_with_residual(group, n, taken) if residual else group)
     return out
+
+
+def _with_residual(group: Group, norm: torch.fx.Node, taken) -> Group:
+    """The norm group with the `add` of two same-shape tensors that computes its input (the
+    transformer's residual stream: h = x + r) joined in front, where there is one: the kernel then
+    reads x and r and writes h (which usually feeds the next residual add too) and norm(h), in
+    one pass. The group's first input, x, must be its first node's first argument. A no-op cast
+    between the add and the norm joins too: transformers' RMSNorm starts with `x.to(torch.float32)`,
+    which in fp32 returns x itself, so the next residual add reads the cast; h then stands for
+    the cast (the add's one user), or for the add where only the norm reads the cast."""
+    add, prefix, h = group.inputs[0], [], group.inputs[0]
+    if getattr(add, "target", None) in (aten.to.dtype, aten._to_copy.default) and add not in taken and \
+            isinstance(add.args[0], torch.fx.Node) and _val(add).dtype == _val(add.args[0]).dtype and \
+            _val(add).shape == _val(add.args[0]).shape:
+        cast, add = add, add.args[0]
+        outside = [u for u in cast.users if u not in group.nodes]
+        if outside and len(add.users) > 1:  # both the sum and its cast leave the group: two names for h
+            return group
+        prefix, h = [cast], cast if outside else add
+    if getattr(add, "target", None) is not aten.add.Tensor or add in taken or add.kwargs or \
+            not all(isinstance(a, torch.fx.Node) and _val(a).shape == _val(add).shape and
+                    _val(a).dtype == _val(norm).dtype for a in add.args[:2]):
+        return group
+    shift = 1 + len(prefix)
+    slots = [(0, 0), (0, 1), *[(i + shift if i is not None else None, j) for i, j in group.slots[1:]]]
+    return Group(group.pattern, [add, *prefix, *group.nodes], [add.args[0], add.args[1], *group.inputs[1:]],
+                 [h, *group.outputs], {**group.params, "has_residual": True}, slots)
 
 
 def _single(n) -> torch.fx.Node | None:
     return next(iter(n.users)) if len(n.users) == 1 else None
 
 
-def find_rmsnorms(graph, taken) -> list[Group]:
-    """mul(w, [to](mul(x, rsqrt(add(mean(pow(x, 2), [-1], True), eps)))))"""
+def find_rmsnorms(graph, taken, residual: bool = True) -> list[Group]:
+    """mul(w, [to](mul(x, rsqrt(add(mean(pow(x, 2), [-1], True), eps))))); with `residual`, the
+    add that computes x joins in front (Llama's residual stream), as for LayerNorm."""
     out = []
     for r in graph.nodes:
         if r.target is not aten.rsqrt.default or r in taken:
@@ -985,8 +1009,8 @@ def find_rmsnorms(graph, taken) -> list[Group]:
             continue
         chain.append(nxt)
         params = {"eps": add.args[1], "has_weight": True, "has_bias": False, "has_residual": False}
-        out.append(Group("rmsnorm", chain, [x, w], [nxt], params,
-                         [(0, 0), (len(chain) - 1, nxt.args.index(w))]))
+        group = Group("rmsnorm", chain, [x, w], [nxt], params, [(0, 0), (len(chain) - 1, nxt.args.index(w))])
+        out.append(_with_residual(group, nxt, taken) if residual else group)
     return out
 
 
@@ -1243,8 +1267,7 @@ def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
             graph.erase_node(n)
     taken: set = set()
     groups: list[Group] = []
-    layernorms = lambda g, t: find_layernorms(g, t, residual=backend == "cpu")  # noqa: E731
-    for pattern, finder in (("rmsnorm", find_rmsnorms), ("layernorm", layernorms), ("softmax", find_softmaxes)):
+    for pattern, finder in (("rmsnorm", find_rmsnorms), ("layernorm", find_layernorms), ("softmax", find_softmaxes)):
         if pattern in cfg.patterns:
             for grp in finder(graph, taken):
                 if not any(n in taken for n in grp.nodes):

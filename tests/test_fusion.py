@@ -52,8 +52,22 @@ class RMSNorm(nn.Module):  # Llama's formulation, decomposed into pow/mean/rsqrt
         self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(COLS))
 
     def forward(self, x):
+        return self.norm(x)
+
+    def norm(self, x):
         var = x.pow(2).mean(-1, keepdim=True)
         return self.weight * (x * torch.rsqrt(var + 1e-6))
+
+
+class ResidualRMSNorm(RMSNorm):  # Llama's residual stream: h = x + r feeds the norm and the next add
+    def forward(self, x, r):
+        h = x + r
+        return self.norm(h) + h
+
+
+class ResidualRMSNormOnly(RMSNorm):
+    def forward(self, x, r):
+        return self.norm(x + r)
 
 
 class MaskedSoftmax(nn.Module):
@@ -126,7 +140,7 @@ def inputs(name, dtype):
     if name == "softmax":
         mask = torch.where(torch.rand(COLS, generator=g) < 0.2, float("-inf"), 0.0)
         return x.to(dtype), mask.to(dtype)
-    if name in ("swiglu", "residual_relu", "residual_layernorm"):
+    if name in ("swiglu", "residual_relu", "residual_layernorm", "residual_rmsnorm"):
         return x.to(dtype), torch.randn(ROWS, COLS, generator=g).to(dtype)
     return (x.to(dtype),)
 
@@ -135,6 +149,7 @@ PATTERNS = {  # name -> (module builder, the kernel pattern expected in the repo
     "layernorm": (LayerNorm, "layernorm"),
     "residual_layernorm": (ResidualLayerNorm, "layernorm"),
     "rmsnorm": (RMSNorm, "rmsnorm"),
+    "residual_rmsnorm": (ResidualRMSNorm, "rmsnorm"),
     "softmax": (MaskedSoftmax, "softmax"),
     "bias_gelu_erf": (lambda: BiasGelu("none"), "pointwise"),
     "bias_gelu_tanh": (lambda: BiasGelu("tanh"), "pointwise"),
@@ -173,8 +188,8 @@ def test_fused_pattern_matches_eager_forward_and_backward(name, dtype):
     kernels = compiled.report()["kernels"]
     assert [k["pattern"] for k in kernels] == [pattern], kernels
     assert all(KERNELS[k["name"]].calls["kernel"] >= 1 for k in kernels)  # the generated kernel ran
-    if name == "residual_layernorm":
-        assert kernels[0]["ops"] == ["add.Tensor", "layer_norm"]
+    if name in ("residual_layernorm", "residual_rmsnorm"):  # the residual add is the kernel's first op
+        assert kernels[0]["ops"][:2] in (["add.Tensor", "layer_norm"], ["add.Tensor", "pow.Tensor_Scalar"])
     if name == "position_gelu":
         assert kernels[0]["inputs"] == ["full", "inner:263"]
     if name.startswith("dequant"):  # the integer tensors are the kernel's inputs, cast as it loads them
@@ -201,7 +216,7 @@ def test_fused_pattern_matches_eager_forward_and_backward(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("name", ["residual_layernorm", "rmsnorm", "softmax", "gelu_new", "position_gelu"])
+@pytest.mark.parametrize("name", ["residual_layernorm", "residual_rmsnorm", "softmax", "gelu_new", "position_gelu"])
 def test_streaming_stores_write_what_plain_stores_write(name, dtype, monkeypatch):
     """Outputs of at least DSC_NT_BYTES are computed in L1 chunks and written with streaming stores
     (common.h.j2). The test shapes are below the default 8 MiB, so 0 forces that path here, on
@@ -427,8 +442,8 @@ def test_fusion_plan_section_validates():
 @pytest.mark.parametrize("model_name,stages", [("gpt", "0,3"), ("hf_gpt2", "2"), ("hf_llama", "2")])
 def test_training_with_fusion_matches_eager(tmp_path, model_name, stages):
     """5 AdamW steps on 2 ranks with generated kernels in forward (GPT-2: gelu_new chains and
-    LayerNorm; Llama: RMSNorm and SwiGLU) and generated backward kernels for the norms and the
-    pointwise groups (GPT's residual+LayerNorm recomputes), against single-process eager."""
+    LayerNorm; Llama: RMSNorm and SwiGLU; GPT and Llama: the residual add joined to the norm) and
+    generated backward kernels for the norms and the pointwise groups, against single-process eager."""
     ref_losses, ref_state, _, noise = eager_reference(model_name, 2)
     out = tmp_path / "fused.pt"
     dsc_run(2, TESTS / "dist_worker.py", "--model", model_name, "--stages", stages, "--steps", str(STEPS),
@@ -442,6 +457,8 @@ def test_training_with_fusion_matches_eager(tmp_path, model_name, stages):
         assert norms and all(res["kernel_calls"][k["name"]]["backward"] > 0 for k in norms)
         # pointwise groups too (GELU, SwiGLU); some see no gradient at all (Llama's rotary cos/sin)
         assert any(res["kernel_calls"][k["name"]]["backward"] > 0 for k in generated if k["pattern"] == "pointwise")
+        if model_name in ("gpt", "hf_llama"):  # h = x + r joined the next norm (Llama: through the no-op cast)
+            assert any(k["ops"][0] == "add.Tensor" and res["kernel_calls"][k["name"]]["backward"] > 0 for k in norms)
         if model_name == "hf_gpt2":  # gelu_new's 1 + tanh(u) ran as 2 sigmoid(2u), one per block
             [fusion] = [p for p in res["report"]["passes"] if p["name"] == "fuse_kernels"]
             assert len(fusion["details"]["rewrites"]["1 + tanh(u) -> 2 sigmoid(2u)"]) == 2
@@ -450,8 +467,8 @@ def test_training_with_fusion_matches_eager(tmp_path, model_name, stages):
         assert_params_close(res["state"], ref_state, noise, f"fusion ZeRO-{stage} {model_name}")
 
 
-TRITON_PATTERNS = ["layernorm", "rmsnorm", "softmax", "bias_gelu_erf", "gelu_new", "swiglu", "position_gelu",
-                   "dequant_asym_silu"]
+TRITON_PATTERNS = ["layernorm", "residual_layernorm", "rmsnorm", "residual_rmsnorm", "softmax", "bias_gelu_erf",
+                   "gelu_new", "swiglu", "position_gelu", "dequant_asym_silu"]
 
 
 @pytest.mark.parametrize("name", TRITON_PATTERNS)
@@ -794,32 +811,81 @@ def test_pointwise_backward_kernel_writes_each_distinct_gradient_once():
     torch.testing.assert_close(module.bias.grad, xr.grad.sum(0), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("build", [ResidualLayerNorm, ResidualLayerNormOnly], ids=["h_used_again", "h_norm_only"])
-def test_residual_layernorm_backward_kernel_gives_x_and_r_one_gradient(build, dtype, monkeypatch):
-    """h = x + r -> LayerNorm(h), one kernel: its generated backward recomputes h from x and r and
-    adds h's own gradient (when the graph uses h again, as a transformer's residual stream does) to
-    the norm's; when nothing else uses h, its gradient is None (not a tensor of zeros to read). x
-    and r get that one gradient, as eager's add gives them; every gradient at least as accurate as
-    eager's against float64."""
+RESIDUAL_NORMS = {"layernorm_h_used_again": ResidualLayerNorm, "layernorm_h_norm_only": ResidualLayerNormOnly,
+                  "rmsnorm_h_used_again": ResidualRMSNorm, "rmsnorm_h_norm_only": ResidualRMSNormOnly}
+
+
+@pytest.mark.parametrize("backend,dtype", [("cpu", torch.float32), ("cpu", torch.bfloat16), ("triton", torch.float32)],
+                         ids=["cpu_fp32", "cpu_bf16", "triton_fp32"])
+@pytest.mark.parametrize("case", list(RESIDUAL_NORMS))
+def test_residual_norm_backward_kernel_gives_x_and_r_one_gradient(case, backend, dtype, monkeypatch):
+    """h = x + r -> LayerNorm(h) or RMSNorm(h), one kernel: its generated backward recomputes h from
+    x and r and adds h's own gradient (when the graph uses h again, as a transformer's residual
+    stream does) to the norm's; when nothing else uses h, its gradient is None (not a tensor of
+    zeros to read). x and r get that one gradient, as eager's add gives them; every gradient at
+    least as accurate as eager's against float64. Triton under the interpreter, on 67 rows."""
     from dsc.passes.fusion import Kernel
 
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET was not set before triton was imported (see conftest.py)")
+    build = RESIDUAL_NORMS[case]
     seen = []
     real = Kernel.residual_norm_backward
     monkeypatch.setattr(Kernel, "residual_norm_backward",
                         lambda self, xs, dh, dy: seen.append(dh is None) or real(self, xs, dh, dy))
-    xs = inputs("residual_layernorm", dtype)
+    xs = [x[:67] if backend == "triton" else x for x in inputs("residual_layernorm", dtype)]
     torch.manual_seed(0)
-    compiled, y, grads = run(build().to(dtype), xs, fused=True)
+    module = build().to(dtype)
+    xg = [x.clone().requires_grad_() for x in xs]
+    compiled = dsc.compile(module, {"fusion": {"enabled": True, "backend": backend}}, example_inputs=tuple(xs))
+    y = compiled(*xg)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(dtype))
+    grads = [x.grad for x in xg] + [p.grad for p in module.parameters()]
     (kernel,) = compiled.report()["kernels"]
-    assert kernel["ops"] == ["add.Tensor", "layer_norm"] and kernel["backward"] == "generated"
-    assert "+ hs * LD(dhr[c])" in open(kernel["backward_source"]).read()
+    assert kernel["ops"][0] == "add.Tensor" and kernel["backward"] == "generated" and kernel["backend"] == backend
+    assert ("if HAS_DH:" if backend == "triton" else "+ hs * LD(dhr[c])") in open(kernel["backward_source"]).read()
     assert KERNELS[kernel["name"]].calls["backward"] >= 1
-    assert seen == [build is ResidualLayerNormOnly]  # h's gradient: None when only the norm reads h
+    assert seen == [case.endswith("norm_only")]  # h's gradient: None when only the norm reads h
     assert torch.equal(grads[0], grads[1])  # x's and r's
     torch.manual_seed(0)
     _, _, grads_ref = run(build().to(dtype), xs, fused=False)
     _assert_grads_as_accurate_as_eager(build, xs, grads, grads_ref, dtype)
+
+
+class HFResidualRMSNorm(RMSNorm):  # transformers' Llama: the norm starts with x.to(float32)
+    def forward(self, x, r):
+        h = x + r
+        residual = h
+        h = h.to(torch.float32)  # in fp32 this returns h itself: the graph's next add reads the cast
+        y = self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+        return y + residual
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_residual_add_joins_the_norm_through_transformers_no_op_cast(backend):
+    """In an fp32 transformers Llama the residual add reaches RMSNorm through `x.to(torch.float32)`,
+    a no-op whose node the next residual add reads: the add and the cast join the norm's kernel,
+    whose h output stands for the cast. Forward and backward against eager."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET was not set before triton was imported (see conftest.py)")
+    xs = [x[:67] for x in inputs("residual_layernorm", torch.float32)]
+    torch.manual_seed(0)
+    module = HFResidualRMSNorm()
+    xg = [x.clone().requires_grad_() for x in xs]
+    compiled = dsc.compile(module, {"fusion": {"enabled": True, "backend": backend}}, example_inputs=tuple(xs))
+    y = compiled(*xg)
+    y.backward(torch.cos(y.detach()))
+    (kernel,) = compiled.report()["kernels"]
+    assert kernel["ops"][:3] == ["add.Tensor", "to.dtype", "pow.Tensor_Scalar"] and kernel["backward"] == "generated"
+    assert KERNELS[kernel["name"]].calls["backward"] >= 1
+    torch.manual_seed(0)
+    ref = HFResidualRMSNorm()
+    xr = [x.clone().requires_grad_() for x in xs]
+    y_ref = ref(*xr)
+    y_ref.backward(torch.cos(y_ref.detach()))
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=2e-6)
+    for g, r in zip([*[x.grad for x in xg], module.weight.grad], [*[x.grad for x in xr], ref.weight.grad]):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
 
 class StridedWeightLayerNorm(nn.Module):  # the norm's weight and bias: columns of larger parameters
@@ -1111,7 +1177,7 @@ def test_one_plus_tanh_runs_as_a_sigmoid_and_is_at_least_as_accurate_as_eager():
     assert float(rel.max()) < 1e-5 < float(rel_eager.max())
 
 
-@pytest.mark.parametrize("name", ["layernorm", "residual_layernorm", "rmsnorm", "softmax"])
+@pytest.mark.parametrize("name", ["layernorm", "residual_layernorm", "rmsnorm", "residual_rmsnorm", "softmax"])
 def test_rows_longer_than_the_row_buffer_match_eager(name, monkeypatch):
     """Rows of more than 8192 elements do not fit the kernels' fp32 row buffers (DSC_ROW): the
     forward kernels and the norms' backward kernel then re-read the row instead of keeping it
