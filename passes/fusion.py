@@ -44,7 +44,8 @@ autocast is off (pointwise groups: under autocast too):
   gradients are all an output's (an add after a dropout of p = 0) needs no kernel ("pass-through").
 Where a kernel does not apply (autocast for norms and softmax, other dtypes or shapes, a compiler
 that refused the backward), the group's original (unfused) ops are recomputed from the saved
-inputs under autograd. Only the inputs are saved. Under create_graph=True the recompute always
+inputs under autograd. Only the inputs are saved (a residual norm saves h = x + r in place of x
+and r, as eager's norm saves h). Under create_graph=True the recompute always
 runs, undetached, so second derivatives are eager's (the kernels have none).
 
 Dropout (p > 0, training) draws from a counter-based RNG instead of torch's generator: element i
@@ -359,6 +360,11 @@ class Kernel:
 
     # -- generated backward (LayerNorm, RMSNorm, with or without the residual add, softmax and the
     # pointwise groups whose every op has a derivative rule, in C and in Triton) ---------------------
+    @functools.cached_property
+    def saves_sum(self) -> bool:
+        """A residual norm: autograd saves its output h = x + r in place of x and r."""
+        return self.pattern in ("layernorm", "rmsnorm") and bool(self.params.get("has_residual"))
+
     @property
     def has_backward(self) -> bool:
         if self.pattern == "pointwise":
@@ -507,23 +513,22 @@ class Kernel:
         return True
 
     def residual_norm_backward(self, xs: list, dh: torch.Tensor | None, dy: torch.Tensor | None) -> list | None:
-        """The residual add + norm group (x, r, w, b -> h = x + r, norm(h)): x's and r's gradient is
-        h's own (`dh`) plus the norm's input gradient, from the same kernel as `norm_backward`,
-        which recomputes h from x and r. Without a gradient for the norm, h's passes through."""
+        """The residual add + norm group (x, r, w, b -> h = x + r, norm(h)), whose forward saved h
+        in place of x and r (`xs` is h, None, w, b): x's and r's gradient is h's own (`dh`) plus
+        the norm's input gradient, from the same kernel as `norm_backward`, which reads h and adds
+        dh. Without a gradient for the norm, h's passes through."""
         if dy is None:
             return None if dh is None else [dh, dh, None, None][:len(xs)]
-        x, r, w, b = (list(xs) + [None, None])[:4]
-        if r is None or r.dtype != x.dtype or tuple(r.shape) != self.input_shapes[1] or \
-                (dh is not None and (dh.dtype != x.dtype or tuple(dh.shape) != self.shape)):
+        h, _, w, b = (list(xs) + [None, None])[:4]
+        if dh is not None and (dh.dtype != h.dtype or tuple(dh.shape) != self.shape):
             return None
-        got = self.norm_backward([x, w, b], dy, r, dh)
+        got = self.norm_backward([h, w, b], dy, dh)
         return None if got is None else [got[0], got[0], *got[1:]][:len(xs)]
 
-    def norm_backward(self, xs: list, dy: torch.Tensor, rsd: torch.Tensor | None = None,
-                      dh: torch.Tensor | None = None) -> list | None:
+    def norm_backward(self, xs: list, dy: torch.Tensor, dh: torch.Tensor | None = None) -> list | None:
         """LayerNorm's or RMSNorm's input, weight and bias gradients from the generated backward
-        kernel, or None when it does not apply (then the caller recomputes the unfused ops). With
-        `rsd` (the residual group), the norm's input is x + rsd and dh is added to its gradient."""
+        kernel, or None when it does not apply (then the caller recomputes the unfused ops). In the
+        residual group, x is h = x + r and dh (None: none) is added to its gradient."""
         x, w, b = (list(xs) + [None, None])[:3]
         dtype = x.dtype
         if dtype not in cpu.DTYPES or dy.dtype != dtype or x.device.type != self._device(x) or \
@@ -538,8 +543,7 @@ class Kernel:
         w = w.contiguous() if w is not None else None  # (a weight sliced from a larger parameter)
         if self.backend == "triton":
             got = []
-            residual = {"rsd": rsd.contiguous(), "dh": dh.contiguous() if dh is not None else None} \
-                if self.params.get("has_residual") else {}
+            residual = {"dh": dh.contiguous() if dh is not None else None} if self.params.get("has_residual") else {}
             launch = lambda: got.extend(fn(x.contiguous(), w, dy.contiguous(), rows, cols, float(self.params["eps"]),  # noqa: E731
                                            **residual))
             return got[:len(xs)] if self._launch_triton_backward(launch, dtype) else None
@@ -549,11 +553,8 @@ class Kernel:
         part = torch.empty(blocks, 2, cols, dtype=torch.float32)
         dw = torch.empty(cols, dtype=dtype) if w is not None else None
         db = torch.empty(cols, dtype=dtype) if b is not None else None
-        if self.params.get("has_residual"):  # (kept in names: a pointer outlives no temporary)
-            rsd, dh = rsd.contiguous(), dh.contiguous() if dh is not None else None
-            residual = [cpu.ptr(rsd), cpu.ptr(dh)]
-        else:
-            residual = []
+        dh = dh.contiguous() if dh is not None else None  # (kept in a name: a pointer outlives no temporary)
+        residual = [cpu.ptr(dh)] if self.params.get("has_residual") else []
         fn(cpu.ptr(x), *residual, cpu.ptr(w), cpu.ptr(dy), cpu.ptr(dx), cpu.ptr(part), _i64(rows), _i64(cols),
            _f32(self.params["eps"]), _i64(blocks))
         red(cpu.ptr(part), cpu.ptr(dw), cpu.ptr(db), _i64(cols), _i64(blocks))
@@ -709,7 +710,10 @@ class _Fused(torch.autograd.Function):
         outs = kernel(list(xs))
         ctx.name, ctx.n_in = name, len(xs)
         ctx.set_materialize_grads(False)  # an output without a gradient arrives as None, not zeros
-        ctx.save_for_backward(*xs, *outs[len(outs) - kernel.seeded:])
+        # a residual norm saves h = x + r, its first output, in place of x and r: eager's norm saves
+        # h too, and r (a projection's output) would otherwise stay alive for backward
+        saved = [outs[0], None, *xs[2:]] if kernel.saves_sum else xs
+        ctx.save_for_backward(*saved, *outs[len(outs) - kernel.seeded:])
         device = "cuda" if next(x for x in xs if x is not None).is_cuda else "cpu"
         ctx.autocast = (device, bool(_any_autocast() and torch.is_autocast_enabled(device)),
                         torch.get_autocast_dtype(device))
@@ -728,17 +732,30 @@ def _backward(name: str, saved, n_in: int, autocast, grads, needs: tuple) -> lis
     redraws its mask from the saved seed) and differentiated. Under create_graph=True (grad mode on
     here: a gradient penalty) always the recompute, from the saved inputs themselves, not
     detached, so that the result can be differentiated again: the kernels have no second
-    derivative."""
-    device, enabled, dtype = autocast
+    derivative. A residual norm saved h = x + r instead of x and r (`Kernel.saves_sum`)."""
     kernel = KERNELS[name]
+    if kernel.saves_sum and grads[1] is None:
+        # only h's gradient: it is x's and r's. This is also what the recompute below asks of this
+        # very op under create_graph: its graph starts from the saved h, whose grad_fn is this op
+        return [grads[0], grads[0], None, None][:n_in]
     create_graph = torch.is_grad_enabled()
     got = None if create_graph else kernel.generated_backward(saved, n_in, grads, needs, autocast)
     if got is not None:
         return got
     xs = list(saved[:n_in]) if create_graph else \
         [x.detach().requires_grad_(x.is_floating_point()) if x is not None else None for x in saved[:n_in]]
+    if kernel.saves_sum:  # h was saved for x and r: recompute from x = h, r = 0 (h + 0 is h)
+        xs[1] = torch.zeros_like(xs[0])
+        got = _recompute(kernel, xs, saved[n_in:], autocast, grads, create_graph)
+        return [got[0], got[0], *got[2:]]  # the sum's two inputs get the same gradient
+    return _recompute(kernel, xs, saved[n_in:], autocast, grads, create_graph)
+
+
+def _recompute(kernel: Kernel, xs: list, seeds, autocast, grads, create_graph: bool) -> list:
+    """The inputs' gradients from the group's original ops, run again on `xs` and differentiated."""
+    device, enabled, dtype = autocast
     with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-        outs = kernel.ref(*xs, *saved[n_in:])
+        outs = kernel.ref(*xs, *seeds)
     outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
     pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
     need = [x for x in xs if x is not None and x.requires_grad]

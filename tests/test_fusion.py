@@ -888,6 +888,25 @@ def test_residual_add_joins_the_norm_through_transformers_no_op_cast(backend):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["residual_layernorm", "residual_rmsnorm"])
+def test_residual_norm_saves_the_sum_not_its_two_inputs(name):
+    """For backward, a residual norm keeps h = x + r (eager's norm keeps h too), not x and r: r, a
+    projection's output in a transformer, would otherwise stay alive until backward, one more
+    activation per norm than eager keeps."""
+    build, _ = PATTERNS[name]
+    x, r = [t.clone().requires_grad_() for t in inputs(name, torch.float32)]
+    torch.manual_seed(0)
+    compiled = dsc.compile(build(), {"fusion": {"enabled": True}}, example_inputs=(x.detach(), r.detach()))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = compiled(x, r)
+    storages = {t.untyped_storage().data_ptr() for t in saved}
+    assert r.untyped_storage().data_ptr() not in storages and x.untyped_storage().data_ptr() not in storages
+    assert sum(t.numel() == x.numel() for t in saved) == 1  # h, and apart from it only the weights
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, r.grad)
+
+
 class StridedWeightLayerNorm(nn.Module):  # the norm's weight and bias: columns of larger parameters
     def __init__(self, residual: bool):
         super().__init__()
@@ -1338,19 +1357,24 @@ def test_softmax_groups_with_different_mask_shapes_get_different_kernels():
     assert names[0] != names[1]
 
 
-def test_double_backward_through_a_fused_group_matches_eager():
+@pytest.mark.parametrize("name", ["bias_gelu_erf", "residual_layernorm", "residual_rmsnorm"])
+def test_double_backward_through_a_fused_group_matches_eager(name):
     """create_graph=True (a gradient penalty): the fused op's backward was not differentiable, so
-    the second-order terms vanished silently. It now recomputes the unfused ops differentiably."""
-    x = torch.randn(67, COLS)
+    the second-order terms vanished silently. It now recomputes the unfused ops differentiably; a
+    residual norm does so from the h it saved in place of x and r."""
+    build, _ = PATTERNS[name]
+    xs = [x[:67] for x in inputs(name, torch.float32)]
+    c = torch.cos(torch.arange(COLS, dtype=torch.float32))  # weights the output: no symmetric shortcut
     res = []
     for fused in (True, False):
         torch.manual_seed(0)
-        module = BiasGelu("none")
-        model = dsc.compile(module, {"fusion": {"enabled": True}}, example_inputs=(x,)) if fused else module
-        xi = x.clone().requires_grad_()
-        y = model(xi)
-        (g,) = torch.autograd.grad(y.sum(), xi, create_graph=True)
-        assert g.requires_grad
-        (y.sum() + (g ** 2).sum()).backward()
-        res.append(module.bias.grad.clone())
-    torch.testing.assert_close(res[0], res[1], rtol=1e-5, atol=1e-5)
+        module = build()
+        model = dsc.compile(module, {"fusion": {"enabled": True}}, example_inputs=tuple(xs)) if fused else module
+        xi = [x.clone().requires_grad_() for x in xs]
+        y = model(*xi)
+        gs = torch.autograd.grad((y * c).sum(), xi, create_graph=True)
+        assert all(g.requires_grad for g in gs)
+        ((y * c).sum() + sum((g ** 2).sum() for g in gs)).backward()
+        res.append([x.grad for x in xi] + [p.grad.clone() for p in module.parameters()])
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
