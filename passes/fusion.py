@@ -933,6 +933,30 @@ def rewrite_tanh_sums(graph: torch.fx.Graph) -> list[str]:
     return done
 
 
+def remove_identities(graph: torch.fx.Graph) -> list[str]:
+    """Ops that return their input itself in eager, at no cost: dropout with p = 0 or outside
+    training (GPT's `dropout(0.0)` after attention) and `x.to(dtype)` to the dtype x already has
+    (transformers' RMSNorm starts with `x.to(torch.float32)`). In a fused group each would be a
+    copy of its input: an extra pass over memory and an extra saved activation, where eager has
+    the same tensor. Their users read the input instead. Returns the removed nodes' names."""
+    done = []
+    for n in list(graph.nodes):
+        if n.op != "call_function" or not n.args or not isinstance(n.args[0], torch.fx.Node):
+            continue
+        if n.target is aten.dropout.default:
+            if _random_dropout(n):
+                continue
+        elif n.target is aten.to.dtype:  # (dtype, non_blocking, copy, memory_format): no copy asked for
+            if len(n.args) > 3 or set(n.kwargs) - {"non_blocking"} or _val(n).dtype != _val(n.args[0]).dtype:
+                continue
+        else:
+            continue
+        n.replace_all_uses_with(n.args[0])
+        done.append(f"{n.name} ({_short(n.target)})")
+        graph.erase_node(n)
+    return done
+
+
 def _emit(n: torch.fx.Node, env: dict, lang: str = "c") -> str | None:
     args = [env.get(a, "0") if isinstance(a, torch.fx.Node) else a for a in n.args]
     return OPS[n.target](args, dict(n.kwargs), LITERALS[lang])
@@ -962,27 +986,16 @@ def _with_residual(group: Group, norm: torch.fx.Node, taken) -> Group:
     """The norm group with the `add` of two same-shape tensors that computes its input (the
     transformer's residual stream: h = x + r) joined in front, where there is one: the kernel then
     reads x and r and writes h (which usually feeds the next residual add too) and norm(h), in
-    one pass. The group's first input, x, must be its first node's first argument. A no-op cast
-    between the add and the norm joins too: transformers' RMSNorm starts with `x.to(torch.float32)`,
-    which in fp32 returns x itself, so the next residual add reads the cast; h then stands for
-    the cast (the add's one user), or for the add where only the norm reads the cast."""
-    add, prefix, h = group.inputs[0], [], group.inputs[0]
-    if getattr(add, "target", None) in (aten.to.dtype, aten._to_copy.default) and add not in taken and \
-            isinstance(add.args[0], torch.fx.Node) and _val(add).dtype == _val(add.args[0]).dtype and \
-            _val(add).shape == _val(add.args[0]).shape:
-        cast, add = add, add.args[0]
-        outside = [u for u in cast.users if u not in group.nodes]
-        if outside and len(add.users) > 1:  # both the sum and its cast leave the group: two names for h
-            return group
-        prefix, h = [cast], cast if outside else add
+    one pass. The group's first input, x, must be its first node's first argument. (transformers'
+    RMSNorm starts with a no-op `x.to(torch.float32)`: `remove_identities` has taken it out.)"""
+    add = group.inputs[0]
     if getattr(add, "target", None) is not aten.add.Tensor or add in taken or add.kwargs or \
             not all(isinstance(a, torch.fx.Node) and _val(a).shape == _val(add).shape and
                     _val(a).dtype == _val(norm).dtype for a in add.args[:2]):
         return group
-    shift = 1 + len(prefix)
-    slots = [(0, 0), (0, 1), *[(i + shift if i is not None else None, j) for i, j in group.slots[1:]]]
-    return Group(group.pattern, [add, *prefix, *group.nodes], [add.args[0], add.args[1], *group.inputs[1:]],
-                 [h, *group.outputs], {**group.params, "has_residual": True}, slots)
+    slots = [(0, 0), (0, 1), *[(i + 1 if i is not None else None, j) for i, j in group.slots[1:]]]
+    return Group(group.pattern, [add, *group.nodes], [add.args[0], add.args[1], *group.inputs[1:]],
+                 [add, *group.outputs], {**group.params, "has_residual": True}, slots)
 
 
 def _single(n) -> torch.fx.Node | None:
@@ -1282,6 +1295,7 @@ def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
     for n in list(graph.nodes):  # export's dtype/device assertions would pin fused intermediates
         if n.target is aten._assert_tensor_metadata.default and not n.users:
             graph.erase_node(n)
+    identities = remove_identities(graph)
     taken: set = set()
     groups: list[Group] = []
     for pattern, finder in (("rmsnorm", find_rmsnorms), ("layernorm", find_layernorms), ("softmax", find_softmaxes)):
@@ -1381,6 +1395,9 @@ def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
     return PassResult(
         summary=f"fusion ({backend}): {len(kernels)} kernel(s) called {sum(k['uses'] for k in kernels)} times "
                 f"replace {replaced} ops; {len(declined)} declined"
-                + (f"; {len(rewrites)} `1 + tanh(u)` computed as `2 sigmoid(2u)`" if rewrites else ""),
-        changed_graph=bool(kernels or rewrites), declined=declined,
-        details={"kernels": kernels, **({"rewrites": {"1 + tanh(u) -> 2 sigmoid(2u)": rewrites}} if rewrites else {})})
+                + (f"; {len(rewrites)} `1 + tanh(u)` computed as `2 sigmoid(2u)`" if rewrites else "")
+                + (f"; {len(identities)} identity op(s) removed" if identities else ""),
+        changed_graph=bool(kernels or rewrites or identities), declined=declined,
+        details={"kernels": kernels, **({"rewrites": {k: v for k, v in (
+            ("1 + tanh(u) -> 2 sigmoid(2u)", rewrites), ("identity (dropout p=0 or eval, no-op cast) -> its input", identities))
+            if v}} if rewrites or identities else {})})

@@ -680,8 +680,8 @@ def test_eval_mode_graph_is_fused_too():
         ref = module(x, r)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=2e-6)
     kernels = compiled._eval_fusion.details["kernels"]
-    assert [k["ops"] for k in kernels] == [["add.Tensor", "gelu", "dropout", "add.Tensor"]]
-    assert "dropout_p" not in kernels[0]  # eval: dropout is the identity inside the kernel
+    assert [k["ops"] for k in kernels] == [["add.Tensor", "gelu", "add.Tensor"]]  # eval: dropout is removed
+    assert "dropout_p" not in kernels[0]
     assert KERNELS[kernels[0]["name"]].calls["kernel"] >= 1
     assert any("dsc_fused" in str(n.target) for n in compiled._eval_gm.graph.nodes)
 
@@ -864,8 +864,8 @@ class HFResidualRMSNorm(RMSNorm):  # transformers' Llama: the norm starts with x
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_residual_add_joins_the_norm_through_transformers_no_op_cast(backend):
     """In an fp32 transformers Llama the residual add reaches RMSNorm through `x.to(torch.float32)`,
-    a no-op whose node the next residual add reads: the add and the cast join the norm's kernel,
-    whose h output stands for the cast. Forward and backward against eager."""
+    a no-op whose node the next residual add reads: the pass removes the cast (the report says so),
+    and the add joins the norm's kernel. Forward and backward against eager."""
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("TRITON_INTERPRET was not set before triton was imported (see conftest.py)")
     xs = [x[:67] for x in inputs("residual_layernorm", torch.float32)]
@@ -876,7 +876,9 @@ def test_residual_add_joins_the_norm_through_transformers_no_op_cast(backend):
     y = compiled(*xg)
     y.backward(torch.cos(y.detach()))
     (kernel,) = compiled.report()["kernels"]
-    assert kernel["ops"][:3] == ["add.Tensor", "to.dtype", "pow.Tensor_Scalar"] and kernel["backward"] == "generated"
+    assert kernel["ops"][:2] == ["add.Tensor", "pow.Tensor_Scalar"] and kernel["backward"] == "generated"
+    [fusion] = [p for p in compiled.report()["passes"] if p["name"] == "fuse_kernels"]
+    assert [r.split(" ")[1] for r in fusion["details"]["rewrites"][IDENTITY]] == ["(to.dtype)"] * 2  # to fp32, back
     assert KERNELS[kernel["name"]].calls["backward"] >= 1
     torch.manual_seed(0)
     ref = HFResidualRMSNorm()
@@ -990,29 +992,52 @@ def test_a_dequantize_group_called_in_another_dtype_runs_the_unfused_ops():
     assert got.dtype == ref.dtype and torch.equal(got, ref)
 
 
-class DropoutOffResidual(nn.Module):  # GPT's `x + drop(attn(x))` with dropout 0: an add, for autograd
+IDENTITY = "identity (dropout p=0 or eval, no-op cast) -> its input"
+
+
+class ResidualOffset(nn.Module):  # x + r + 1: every input's gradient is the output's
+    def forward(self, x, r):
+        return (r + x + 1.0).sum(-1)
+
+
+def test_a_group_whose_gradients_pass_through_needs_no_backward_kernel():
+    """Every input's gradient is an output's incoming gradient (sums): the group's backward is no
+    kernel at all (the report says "pass-through"), and the gradients are eager's bit for bit. (It
+    used to render a kernel with no outputs, which the C compiler refused: the group then
+    recomputed its ops.)"""
+    xs = inputs("residual_relu", torch.float32)
+    compiled, _, grads = run(ResidualOffset(), xs, fused=True)
+    (kernel,) = compiled.report()["kernels"]
+    assert kernel["backward"] == "pass-through" and "backward_source" not in kernel
+    assert "backward_declined" not in kernel, kernel
+    assert "backward passes gradients through" in compiled.explain()
+    _, _, grads_ref = run(ResidualOffset(), xs, fused=False)
+    for g, r in zip(grads, grads_ref):
+        assert torch.equal(g, r)
+
+
+class DropoutOffResidual(nn.Module):  # GPT's `x + drop(attn(x))` with dropout 0: eager adds x itself
     def __init__(self):
         super().__init__()
         self.drop = nn.Dropout(0.0)
 
     def forward(self, x, r):
-        return (r + self.drop(x)).sum(-1)
+        return torch.relu(r + self.drop(x.to(torch.float32)))
 
 
-def test_a_group_whose_gradients_pass_through_needs_no_backward_kernel():
-    """Every input's gradient is an output's incoming gradient (a residual add after a dropout of
-    p = 0): the group's backward is no kernel at all (the report says "pass-through"), and the
-    gradients are eager's bit for bit. (It used to render a kernel with no outputs, which the C
-    compiler refused: the group then recomputed its ops.)"""
+def test_dropout_of_zero_and_a_no_op_cast_are_removed_not_fused():
+    """Eager's dropout(p=0) and x.to(x.dtype) return x itself. Fused, each was a copy: a pass over
+    memory and, for autograd, one more saved activation (GPT's `x + dropout(attn)` kept x and attn
+    alive). The pass now removes them before grouping, lists them in the report, and what is left
+    (add + ReLU) fuses as usual; results are eager's bit for bit."""
     xs = inputs("residual_relu", torch.float32)
-    compiled, _, grads = run(DropoutOffResidual(), xs, fused=True)
+    compiled, y, grads = run(DropoutOffResidual(), xs, fused=True)
     (kernel,) = compiled.report()["kernels"]
-    assert kernel["backward"] == "pass-through" and "backward_source" not in kernel
-    assert "backward_declined" not in kernel, kernel
-    assert "backward passes gradients through" in compiled.explain()
-    _, _, grads_ref = run(DropoutOffResidual(), xs, fused=False)
-    for g, r in zip(grads, grads_ref):
-        assert torch.equal(g, r)
+    assert kernel["ops"] == ["add.Tensor", "relu"]
+    [fusion] = [p for p in compiled.report()["passes"] if p["name"] == "fuse_kernels"]
+    assert sorted(r.split(" ")[1] for r in fusion["details"]["rewrites"][IDENTITY]) == ["(dropout)", "(to.dtype)"]
+    _, y_ref, grads_ref = run(DropoutOffResidual(), xs, fused=False)
+    assert torch.equal(y, y_ref) and all(torch.equal(g, r) for g, r in zip(grads, grads_ref))
 
 
 class DequantOnly(nn.Module):  # no float input at all: the kernel's dtype is its output's
