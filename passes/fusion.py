@@ -35,8 +35,9 @@ autocast is off (pointwise groups: under autocast too):
 - LayerNorm and RMSNorm (rownorm_bwd.c.j2 / .py.j2): dx and the weight/bias gradients in one pass
   over x and dy. With a residual add fused in front, it recomputes h = x + r and adds h's own
   gradient: the result is the gradient of both x and r.
-- softmax (softmax_bwd.*): the probabilities recomputed per row, then y * (dy - sum(dy * y)),
-  unless its mask needs a gradient of its own.
+- softmax (softmax_bwd.*): scale * y * (dy - sum(dy * y)) from the probabilities y the forward
+  wrote, which autograd keeps in place of the inputs (eager keeps y too); where the kernel does
+  not apply (autocast, a mask that needs a gradient, create_graph) eager's formula in torch ops.
 - pointwise groups whose every op has a derivative rule (`_grad_terms`: all of the above): the
   backward is itself a pointwise kernel (pointwise.*.j2) that recomputes the forward's values from
   the saved inputs and applies the rules in reverse, one pass over memory; a broadcast input's
@@ -45,7 +46,7 @@ autocast is off (pointwise groups: under autocast too):
 Where a kernel does not apply (autocast for norms and softmax, other dtypes or shapes, a compiler
 that refused the backward), the group's original (unfused) ops are recomputed from the saved
 inputs under autograd. Only the inputs are saved (a residual norm saves h = x + r in place of x
-and r, as eager's norm saves h). Under create_graph=True the recompute always
+and r, as eager's norm saves h; softmax its output: `Kernel.for_backward`). Under create_graph=True the recompute always
 runs, undetached, so second derivatives are eager's (the kernels have none).
 
 Dropout (p > 0, training) draws from a counter-based RNG instead of torch's generator: element i
@@ -77,7 +78,6 @@ from dsc.pass_manager import CompileContext, PassResult
 
 aten = torch.ops.aten
 PATTERNS = ("pointwise", "layernorm", "rmsnorm", "softmax")
-SOFTMAX_ROW = 8192  # the longest row a softmax backward kernel takes (DSC_ROW in softmax_bwd.c.j2)
 
 
 def _lit_c(v) -> str:
@@ -369,9 +369,18 @@ class Kernel:
     def has_backward(self) -> bool:
         if self.pattern == "pointwise":
             return self.params.get("grad") is not None
-        if self.pattern == "softmax":  # rows that fit the kernel's row buffer (softmax_bwd.c.j2)
-            return self.cols <= SOFTMAX_ROW
-        return self.pattern in ("layernorm", "rmsnorm")
+        return self.pattern in ("layernorm", "rmsnorm", "softmax")
+
+    def for_backward(self, xs: list, outs: list) -> list:
+        """What autograd keeps for the backward, in the inputs' places: the inputs, except that a
+        residual norm keeps its sum h (eager's norm keeps h; r, a projection's output, would
+        otherwise stay alive too) and softmax its probabilities y (eager keeps y, and the next
+        matmul the same tensor, where x would be one more activation: B x heads x T x T)."""
+        if self.saves_sum:
+            return [outs[0], None, *xs[2:]]
+        if self.pattern == "softmax":
+            return [outs[0], *[None] * (len(xs) - 1)]
+        return list(xs)
 
     def build_backward(self, dtype: torch.dtype) -> str:
         """Compile (or find in the cache) the backward kernel for `dtype`; returns its source path."""
@@ -437,8 +446,6 @@ class Kernel:
             return self.residual_norm_backward(xs, *grads[:2])
         if grads[0] is None:
             return None
-        if self.pattern == "softmax":
-            return self.softmax_backward(xs, grads[0], needs)
         return self.norm_backward(xs, grads[0])
 
     def pointwise_backward(self, xs: list, seeds: list, grads: list) -> list | None:
@@ -473,30 +480,34 @@ class Kernel:
         got = [None if src is None else (outs if src[0] == "out" else grads)[src[1]] for src in spec["grads"]]
         return [g if g is None or kind == "full" else g.sum_to_size(x.shape) for g, x, kind in zip(got, xs, self.kinds)]
 
-    def softmax_backward(self, xs: list, dy: torch.Tensor, needs: tuple) -> list | None:
-        """The input's gradient from the generated softmax backward kernel (the probabilities are
-        recomputed from x and the mask), or None when it does not apply: other dtypes or shapes, or
-        a mask that needs a gradient of its own (then the caller recomputes)."""
-        x, mask = (list(xs) + [None])[:2]
-        dtype = x.dtype
-        if dtype not in cpu.DTYPES or dy.dtype != dtype or x.device.type != self._device(x) or \
-                tuple(x.shape) != self.input_shapes[0] or (mask is not None and (
-                    mask.dtype != dtype or needs[1] or tuple(mask.shape) != self.input_shapes[1])):
-            return None
-        built = self._backward_kernel(dtype)
-        if built is None:
-            return None
-        x, dy = x.contiguous(), dy.contiguous()
-        mask = mask.contiguous() if mask is not None else None
-        dx = self._empty(x.shape, dtype, x.device)
-        if self.backend == "triton":
-            mask_rows = max(1, mask.numel() // self.cols) if mask is not None else 1
-            launch = lambda: built[0](x, mask, dy, dx, self.rows, self.cols, mask_rows, float(self.params["scale"]))  # noqa: E731
-            return [dx, None][:len(xs)] if self._launch_triton_backward(launch, dtype) else None
-        ptrs = [t.data_ptr() if t is not None else None for t in (x, mask, dy, dx)]
-        built[0](*ptrs, *self._c_args(built[0], len(ptrs)))  # the forward's constants, mask rows included
-        self.calls["backward"] += 1
-        return [dx, None][:len(xs)]
+    def softmax_backward(self, y: torch.Tensor, dy: torch.Tensor | None, needs: tuple, autocast) -> list:
+        """x's (and the mask's) gradient from the probabilities y the forward wrote, which autograd
+        keeps in place of x and the mask (eager's softmax keeps y too; the next matmul keeps the
+        same tensor): dz = y * (dy - sum(dy * y)), dx = scale * dz, the mask's dz summed to its
+        shape. The generated kernel computes dx where it applies: no autocast, no second
+        derivative, a mask that needs no gradient. Elsewhere eager's own formula does, in torch
+        ops (differentiable under create_graph)."""
+        n_in = len(self.input_shapes)
+        if dy is None:
+            return [None] * n_in
+        scale, mask_grad = float(self.params["scale"]), self.params["has_mask"] and needs[1]
+        dtype = y.dtype
+        if self.has_backward and not (torch.is_grad_enabled() or autocast[1] or mask_grad) and dtype in cpu.DTYPES and dy.dtype == dtype \
+                and y.device.type == self._device(y) and tuple(y.shape) == self.shape == tuple(dy.shape):
+            built = self._backward_kernel(dtype)
+            if built is not None:
+                y, dy = y.contiguous(), dy.contiguous()
+                dx = self._empty(self.shape, dtype, y.device)
+                if self.backend == "triton":
+                    launch = lambda: built[0](y, dy, dx, self.rows, self.cols, scale)  # noqa: E731
+                    if self._launch_triton_backward(launch, dtype):
+                        return [dx, None][:n_in]
+                else:
+                    built[0](y.data_ptr(), dy.data_ptr(), dx.data_ptr(), *self._c_args(built[0], 3))
+                    self.calls["backward"] += 1
+                    return [dx, None][:n_in]
+        dz = torch._softmax_backward_data(dy.to(dtype), y, -1, dtype)
+        return [dz * scale if scale != 1.0 else dz, dz.sum_to_size(self.input_shapes[1]) if mask_grad else None][:n_in]
 
     def _launch_triton_backward(self, launch, dtype: torch.dtype) -> bool:
         """Run a Triton backward kernel. Triton compiles at the first launch, so a compiler's
@@ -710,10 +721,7 @@ class _Fused(torch.autograd.Function):
         outs = kernel(list(xs))
         ctx.name, ctx.n_in = name, len(xs)
         ctx.set_materialize_grads(False)  # an output without a gradient arrives as None, not zeros
-        # a residual norm saves h = x + r, its first output, in place of x and r: eager's norm saves
-        # h too, and r (a projection's output) would otherwise stay alive for backward
-        saved = [outs[0], None, *xs[2:]] if kernel.saves_sum else xs
-        ctx.save_for_backward(*saved, *outs[len(outs) - kernel.seeded:])
+        ctx.save_for_backward(*kernel.for_backward(list(xs), outs), *outs[len(outs) - kernel.seeded:])
         device = "cuda" if next(x for x in xs if x is not None).is_cuda else "cpu"
         ctx.autocast = (device, bool(_any_autocast() and torch.is_autocast_enabled(device)),
                         torch.get_autocast_dtype(device))
@@ -734,6 +742,8 @@ def _backward(name: str, saved, n_in: int, autocast, grads, needs: tuple) -> lis
     detached, so that the result can be differentiated again: the kernels have no second
     derivative. A residual norm saved h = x + r instead of x and r (`Kernel.saves_sum`)."""
     kernel = KERNELS[name]
+    if kernel.pattern == "softmax":  # from the saved probabilities: a kernel, or eager's formula
+        return kernel.softmax_backward(saved[0], grads[0], needs, autocast)
     if kernel.saves_sum and grads[1] is None:
         # only h's gradient: it is x's and r's. This is also what the recompute below asks of this
         # very op under create_graph: its graph starts from the saved h, whose grad_fn is this op

@@ -4,8 +4,10 @@ dsc with fusion. Deterministic (no timing), so it runs anywhere; CPU by default.
 
     python benchmarks/diagnostics/saved_activations.py [--batch 4 --seq 256 --dtype fp32]
 
-Stop 14: the residual add + norm kernels save h = x + r instead of x and r (eager's norm saves h);
-before, fusion kept one activation more per residual norm than eager."""
+Stop 14, 4x256x1024 fp32: GPT block 64.1 MiB eager, 72.1 with fusion before, 64.1 now; Llama
+layer 100.1 MiB eager, 113.1 with fusion before, 81.1 now. Residual norms keep h = x + r instead of
+x and r (eager's norm keeps h), softmax its output y instead of x and the mask, and dropout(p=0)
+and no-op casts are removed instead of fused into copies."""
 import argparse
 import sys
 
