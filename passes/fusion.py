@@ -45,8 +45,9 @@ autocast is off (pointwise groups: under autocast too):
   gradients are all an output's (an add after a dropout of p = 0) needs no kernel ("pass-through").
 Where a kernel does not apply (autocast for norms and softmax, other dtypes or shapes, a compiler
 that refused the backward), the group's original (unfused) ops are recomputed from the saved
-inputs under autograd. Only the inputs are saved (a residual norm saves h = x + r in place of x
-and r, as eager's norm saves h; softmax its output: `Kernel.for_backward`). Under create_graph=True the recompute always
+inputs under autograd. Only inputs are saved, and only those a backward reads (a pointwise
+group's backward is pruned to what its gradients need; a residual norm saves h = x + r in place of
+x and r, as eager's norm saves h; softmax its output: `Kernel.for_backward`). Under create_graph=True the recompute always
 runs, undetached, so second derivatives are eager's (the kernels have none).
 
 Dropout (p > 0, training) draws from a counter-based RNG instead of torch's generator: element i
@@ -380,7 +381,17 @@ class Kernel:
             return [outs[0], None, *xs[2:]]
         if self.pattern == "softmax":
             return [outs[0], *[None] * (len(xs) - 1)]
+        if self.pattern == "pointwise" and self.params.get("grad") is not None:  # what its backward reads
+            reads = self.params["grad"]["reads"]
+            return [x if i in reads else None for i, x in enumerate(xs)]
         return list(xs)
+
+    @functools.cached_property
+    def keeps_all_inputs(self) -> bool:
+        """Whether autograd keeps every input for the backward (`for_backward`); a pointwise group
+        whose backward reads fewer leaves the others' places empty (None)."""
+        return self.pattern != "pointwise" or self.params.get("grad") is None or \
+            len(self.params["grad"]["reads"]) == len(self.input_shapes)
 
     def build_backward(self, dtype: torch.dtype) -> str:
         """Compile (or find in the cache) the backward kernel for `dtype`; returns its source path."""
@@ -393,9 +404,11 @@ class Kernel:
             if not grad["outputs"]:  # every input's gradient is an output's, passed through: no kernel
                 self._bwd[dtype] = (None, None, None)
                 return None
+            reads = grad["reads"]  # the forward inputs the backward reads, then the outputs' gradients
             src = cpu.render("pointwise.py.j2" if triton else "pointwise.c.j2", name=f"{self.name}_bwd",
                              dtype=cpu.DTYPES[dtype], replaced="the backward of " + ", ".join(self.replaced),
-                             inputs=[*self.kinds, *["full"] * self.n_out], in_types=self.in_types(self.n_out), body=grad["body"],
+                             inputs=[*[self.kinds[i] for i in reads], *["full"] * self.n_out],
+                             in_types=[self.in_types()[i] for i in reads] + ["T"] * self.n_out, body=grad["body"],
                              outputs=grad["outputs"], seeded=self.seeded)
         if self.pattern in ("softmax", "pointwise"):
             if triton:
@@ -438,9 +451,9 @@ class Kernel:
             return None
         xs = list(saved[:n_in])
         if self.pattern == "pointwise":
-            if enabled:
-                with torch.autocast(device, dtype=dtype):
-                    xs = self._autocast_inputs(xs)
+            if enabled:  # the forward cast its float inputs to its outputs' dtype (_autocast_inputs)
+                to = next((g.dtype for g in grads if g is not None), None)
+                xs = [x.to(to) if x is not None and to is not None and x.is_floating_point() else x for x in xs]
             return self.pointwise_backward(xs, list(saved[n_in:]), list(grads))
         if self.params.get("has_residual"):  # outputs h = x + r and norm(h): both may have gradients
             return self.residual_norm_backward(xs, *grads[:2])
@@ -452,33 +465,38 @@ class Kernel:
         """A pointwise group's input gradients from its generated backward kernel (the forward's
         inputs and the outputs' gradients in, one gradient per input over the iteration space out,
         summed to the input's shape where it was broadcast), or None when it does not apply."""
-        dtype, grads = self.float_dtype(xs), grads[:self.n_out]  # (the seed's "gradient" is a zero scalar)
+        grads = grads[:self.n_out]  # (the seed's "gradient" is a zero scalar)
         if all(g is None for g in grads):  # no output's value reached the loss
             return [None] * len(xs)
-        device = self._device(xs[0])
-        if dtype not in cpu.DTYPES or (self.has_int_inputs and dtype != self.out_dtype) or any(x.dtype != (dtype if d is None else d) or x.device.type != device
-                                          for x, d in zip(xs, self.input_dtypes)) or \
-                [tuple(x.shape) for x in xs] != self.input_shapes or \
+        spec = self.params["grad"]
+        dtype = next(g.dtype for g in grads if g is not None)  # the outputs', which the kernel ran in
+        first = next(g for g in grads if g is not None)
+        device = self._device(first)
+        ins = [xs[i] for i in spec["reads"]]  # the inputs the backward reads: autograd kept only these
+        if dtype not in cpu.DTYPES or (self.has_int_inputs and dtype != self.out_dtype) or any(
+                x is None or x.dtype != (dtype if self.input_dtypes[i] is None else self.input_dtypes[i]) or
+                x.device.type != device or tuple(x.shape) != self.input_shapes[i] for i, x in zip(spec["reads"], ins)) or \
                 any(g is not None and (g.dtype != dtype or tuple(g.shape) != self.shape) for g in grads):
             return None
         built = self._backward_kernel(dtype)
         if built is None:
             return None
-        fn, spec = built[0], self.params["grad"]
-        xs = [x.contiguous() for x in xs]
-        grads = [g.contiguous() if g is not None else torch.zeros(self.shape, dtype=dtype, device=xs[0].device)
+        fn = built[0]
+        ins = [x.contiguous() for x in ins]
+        grads = [g.contiguous() if g is not None else torch.zeros(self.shape, dtype=dtype, device=first.device)
                  for g in grads]
-        outs = [self._empty(self.shape, dtype, xs[0].device) for _ in spec["outputs"]]
+        outs = [self._empty(self.shape, dtype, first.device) for _ in spec["outputs"]]
         if outs and self.backend == "triton":
-            launch = lambda: fn([*xs, *grads], outs, self.rows, self.cols, **({"seed": seeds[0]} if seeds else {}))  # noqa: E731
+            launch = lambda: fn([*ins, *grads], outs, self.rows, self.cols, **({"seed": seeds[0]} if seeds else {}))  # noqa: E731
             if not self._launch_triton_backward(launch, dtype):
                 return None
         elif outs:
-            ptrs = [t.data_ptr() for t in (*xs, *grads, *outs)]  # then the forward's constants
+            ptrs = [t.data_ptr() for t in (*ins, *grads, *outs)]  # then the forward's constants
             fn(*ptrs, *self._c_args(fn, len(ptrs)), *[ctypes.c_uint32(int(t)) for t in seeds])
             self.calls["backward"] += 1
         got = [None if src is None else (outs if src[0] == "out" else grads)[src[1]] for src in spec["grads"]]
-        return [g if g is None or kind == "full" else g.sum_to_size(x.shape) for g, x, kind in zip(got, xs, self.kinds)]
+        return [g if g is None or kind == "full" else g.sum_to_size(shape)
+                for g, shape, kind in zip(got, self.input_shapes, self.kinds)]
 
     def softmax_backward(self, y: torch.Tensor, dy: torch.Tensor | None, needs: tuple, autocast) -> list:
         """x's (and the mask's) gradient from the probabilities y the forward wrote, which autograd
@@ -721,7 +739,11 @@ class _Fused(torch.autograd.Function):
         outs = kernel(list(xs))
         ctx.name, ctx.n_in = name, len(xs)
         ctx.set_materialize_grads(False)  # an output without a gradient arrives as None, not zeros
-        ctx.save_for_backward(*kernel.for_backward(list(xs), outs), *outs[len(outs) - kernel.seeded:])
+        kept = kernel.for_backward(list(xs), outs)
+        ctx.save_for_backward(*kept, *outs[len(outs) - kernel.seeded:])
+        # a pointwise group's inputs its backward does not read: their dtype and device, for a recompute
+        ctx.dropped = () if kernel.keeps_all_inputs else \
+            [(i, x.dtype, x.device) for i, (x, k) in enumerate(zip(xs, kept)) if x is not None and k is None]
         device = "cuda" if next(x for x in xs if x is not None).is_cuda else "cpu"
         ctx.autocast = (device, bool(_any_autocast() and torch.is_autocast_enabled(device)),
                         torch.get_autocast_dtype(device))
@@ -731,16 +753,19 @@ class _Fused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, *_backward(ctx.name, ctx.saved_tensors, ctx.n_in, ctx.autocast, grads, ctx.needs_input_grad[1:]))
+        return (None, *_backward(ctx.name, ctx.saved_tensors, ctx.n_in, ctx.autocast, grads, ctx.needs_input_grad[1:],
+                                 ctx.dropped))
 
 
-def _backward(name: str, saved, n_in: int, autocast, grads, needs: tuple) -> list:
+def _backward(name: str, saved, n_in: int, autocast, grads, needs: tuple, dropped=()) -> list:
     """The inputs' gradients: the group's generated backward kernel where it applies, else its
     original ops recomputed from the saved inputs (under the autocast the forward ran in; dropout
     redraws its mask from the saved seed) and differentiated. Under create_graph=True (grad mode on
     here: a gradient penalty) always the recompute, from the saved inputs themselves, not
     detached, so that the result can be differentiated again: the kernels have no second
-    derivative. A residual norm saved h = x + r instead of x and r (`Kernel.saves_sum`)."""
+    derivative. A residual norm saved h = x + r instead of x and r (`Kernel.saves_sum`); a
+    pointwise group only the inputs its backward reads (`dropped`: the others' dtype and device).
+    The others' values do not enter the gradients, so the recompute reads zeros in their place."""
     kernel = KERNELS[name]
     if kernel.pattern == "softmax":  # from the saved probabilities: a kernel, or eager's formula
         return kernel.softmax_backward(saved[0], grads[0], needs, autocast)
@@ -754,6 +779,8 @@ def _backward(name: str, saved, n_in: int, autocast, grads, needs: tuple) -> lis
         return got
     xs = list(saved[:n_in]) if create_graph else \
         [x.detach().requires_grad_(x.is_floating_point()) if x is not None else None for x in saved[:n_in]]
+    for i, dtype, device in dropped:
+        xs[i] = torch.zeros(kernel.input_shapes[i], dtype=dtype, device=device).requires_grad_(dtype.is_floating_point)
     if kernel.saves_sum:  # h was saved for x and r: recompute from x = h, r = 0 (h + 0 is h)
         xs[1] = torch.zeros_like(xs[0])
         got = _recompute(kernel, xs, saved[n_in:], autocast, grads, create_graph)
@@ -1219,7 +1246,29 @@ def _pointwise_grad(group: Group, body: list, env: dict, drops: dict, lang: str 
             if total not in outputs:
                 outputs.append(total)
             grads.append(("out", outputs.index(total)))
-    return {"body": lines, "outputs": outputs, "grads": grads}
+    lines, outputs, reads = _only_what_is_read(lines, outputs, n_in, len(group.outputs))
+    return {"body": lines, "outputs": outputs, "grads": grads, "reads": reads}
+
+
+_NAME = re.compile(r"\b[tgv]\d+\b")  # the straight-line code's values: inputs v, temporaries t, gradients g
+
+
+def _only_what_is_read(lines: list, outputs: list, n_in: int, n_grads: int) -> tuple[list, list, list]:
+    """Dead-code elimination of the backward's straight-line code: the lines the outputs need, and
+    the forward inputs they read (`reads`), renumbered v0.. in that order, then the incoming
+    gradients. The backward kernel takes only those inputs, and autograd keeps only those: a
+    residual add or a dropout needs none of its inputs' values, where the whole group's inputs
+    used to stay alive until backward."""
+    live, kept = set(_NAME.findall(" ".join(outputs))), []
+    for line in reversed(lines):
+        lhs, rhs = line.split(" = ", 1)
+        if lhs.split()[-1] in live:
+            live |= set(_NAME.findall(rhs))
+            kept.append(line)
+    reads = [i for i in range(n_in) if f"v{i}" in live]
+    index = {**{i: k for k, i in enumerate(reads)}, **{n_in + k: len(reads) + k for k in range(n_grads)}}
+    renumber = lambda text: re.sub(r"\bv(\d+)\b", lambda m: f"v{index[int(m.group(1))]}", text)  # noqa: E731
+    return [renumber(line) for line in reversed(kept)], [renumber(o) for o in outputs], reads
 
 
 def _alias_base(n):

@@ -921,6 +921,54 @@ def test_a_norm_or_softmax_keeps_for_backward_what_eager_keeps(name):
         assert torch.equal(x.grad, r.grad)
 
 
+class TanhResidual(nn.Module):  # x's gradient reads x (through tanh), r's is the output's: r is not kept
+    def __init__(self):
+        super().__init__()
+        self.s = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x, r):
+        return torch.tanh(x) * self.s + r * 0.25
+
+
+@pytest.mark.parametrize("path", ["kernel", "recompute", "create_graph"])
+def test_a_pointwise_group_keeps_only_the_inputs_its_backward_reads(path, monkeypatch):
+    """The backward's straight-line code is pruned to what its gradients need; autograd keeps only
+    the inputs that code reads (GPT-2's `dropout(x) + r` needs neither x nor r, only the seed). A
+    recompute (a backward the compiler refused, or create_graph) reads zeros where an input was not
+    kept: its value enters no gradient. Gradients (and second-order ones) against eager."""
+    from dsc.passes import fusion
+
+    if path == "recompute":
+        monkeypatch.setattr(fusion.Kernel, "build_backward",
+                            lambda self, dtype: (_ for _ in ()).throw(cache.CompileError("(simulated)")))
+    x, r = inputs("residual_relu", torch.float32)
+    res = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        module = TanhResidual()
+        model = dsc.compile(module, {"fusion": {"enabled": True}}, example_inputs=(x, r)) if fused else module
+        xi, ri = x.clone().requires_grad_(), r.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = model(xi, ri)
+        if fused:
+            (kernel,) = model.report()["kernels"]
+            storages = {t.untyped_storage().data_ptr() for t in saved}
+            assert ri.untyped_storage().data_ptr() not in storages and xi.untyped_storage().data_ptr() in storages
+            assert kernel["backward"] == ("recompute" if path == "recompute" else "generated")
+            calls = KERNELS[kernel["name"]].calls["backward"]
+        if path == "create_graph":
+            gx, gr, gs = torch.autograd.grad((y * torch.cos(y.detach())).sum(), [xi, ri, module.s], create_graph=True)
+            ((gx ** 2).sum() + (gr ** 2).sum() + gs ** 2).backward()
+        else:
+            y.backward(torch.cos(y.detach()))
+        if fused:
+            assert KERNELS[kernel["name"]].calls["backward"] == calls + (path == "kernel")
+        res.append([xi.grad, ri.grad, module.s.grad])
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 class StridedWeightLayerNorm(nn.Module):  # the norm's weight and bias: columns of larger parameters
     def __init__(self, residual: bool):
         super().__init__()
