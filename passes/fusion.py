@@ -256,6 +256,10 @@ class Kernel:
         self.input_dtypes = [_val(x).dtype if x is not None and _val(x).dtype in INT_TYPES else None
                              for x in group.inputs]
         self.has_int_inputs = any(d is not None for d in self.input_dtypes)
+        # a float cast inside the group (a no-op when traced, `x.to(torch.float32)`) casts for real when
+        # the call's dtype differs (bf16 inputs to an fp32 compile): the kernel runs only in the traced dtype
+        self.casts = any(n.target in CASTS and _val(n).dtype not in INT_TYPES and isinstance(n.args[0], torch.fx.Node)
+                         and _val(n.args[0]).dtype not in INT_TYPES for n in group.nodes)
         self.out_dtype = _val(group.outputs[0]).dtype  # the kernel's dtype when no input is a float
         self.n_out = len(group.outputs)
         self.seeded = bool(group.params.get("seeded"))  # draws dropout masks: the seed is an extra output
@@ -269,7 +273,7 @@ class Kernel:
         self._launched: set = set()  # dtypes whose Triton kernel has launched (compiled) once
         self.entry: dict | None = None  # its entry in the report's `kernels` (runtime fallbacks)
 
-    def _autocast_inputs(self, xs: list) -> list:
+    def _autocast_inputs(self, xs: list) -> list | None:
         """Under autocast, eager would run the group's ops with autocast's casts (LayerNorm in fp32,
         say). The kernel computes in fp32 and rounds once, so it matches eager when its inputs are
         cast to the dtype the group's outputs would have: found once per input-dtype signature by
@@ -285,8 +289,8 @@ class Kernel:
                                 *([torch.zeros((), dtype=torch.int64)] if self.seeded else []))
             dtypes = {o.dtype for o in (outs if isinstance(outs, (tuple, list)) else (outs,))}
             target = self._autocast[key] = dtypes.pop() if len(dtypes) == 1 else False
-        if not target:
-            return xs
+        if not target:  # outputs of several dtypes (a bf16 h beside an fp32 norm): the unfused ops
+            return None
         return [x.to(target) if x is not None and x.is_floating_point() and x.dtype != target else x for x in xs]
 
     def _output(self, i: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -594,13 +598,17 @@ class Kernel:
         # the hot path of every fused call (a few microseconds of Python on top of the kernel):
         # device and autocast tests read tensor flags, never build `torch.device` objects or names
         first = xs[0] if xs[0] is not None else next(x for x in xs if x is not None)
+        cast = xs
         if _any_autocast() and torch.is_autocast_enabled("cuda" if first.is_cuda else "cpu"):
-            xs = self._autocast_inputs(xs)
-            first = xs[0] if xs[0] is not None else next(x for x in xs if x is not None)
+            cast = self._autocast_inputs(xs)  # None: eager's outputs would differ in dtype (no one kernel dtype)
+            if cast is not None:
+                xs = cast
+                first = xs[0] if xs[0] is not None else next(x for x in xs if x is not None)
         dtype = first.dtype if not self.has_int_inputs else self.float_dtype(xs)
         cuda = self.backend == "triton" and first.is_cuda  # where the kernel runs (see _device)
         # (a dequantizing group computes in its cast's target dtype, fixed when the graph was captured)
-        usable = dtype in cpu.DTYPES and len(xs) == len(self.input_shapes) and \
+        usable = cast is not None and dtype in cpu.DTYPES and len(xs) == len(self.input_shapes) and \
+            (not self.casts or dtype == self.out_dtype) and \
             (not self.has_int_inputs or dtype == self.out_dtype) and all(
             x is None or (x.dtype == (dtype if d is None else d) and (x.is_cuda if cuda else x.is_cpu) and x.shape == s)
             for x, s, d in zip(xs, self.input_shapes, self.input_dtypes))
@@ -971,26 +979,19 @@ def rewrite_tanh_sums(graph: torch.fx.Graph) -> list[str]:
 
 
 def remove_identities(graph: torch.fx.Graph) -> list[str]:
-    """Ops that return their input itself in eager, at no cost: dropout with p = 0 or outside
-    training (GPT's `dropout(0.0)` after attention) and `x.to(dtype)` to the dtype x already has
-    (transformers' RMSNorm starts with `x.to(torch.float32)`). In a fused group each would be a
-    copy of its input: an extra pass over memory and an extra saved activation, where eager has
-    the same tensor. Their users read the input instead. Returns the removed nodes' names."""
+    """Dropout with p = 0 or outside training (GPT's `dropout(0.0)` after attention) returns its
+    input itself in eager, at no cost. In a fused group it would be a copy: an extra pass over
+    memory and, for autograd, extra saved activations (GPT's `x + dropout(attn)` kept x and attn)
+    where eager has the same tensor. Its users read the input instead. Returns the removed nodes'
+    names. (A cast to the dtype its input had when traced stays: under autocast, or with bf16
+    inputs to an fp32 compile, it is a real cast at run time.)"""
     done = []
     for n in list(graph.nodes):
-        if n.op != "call_function" or not n.args or not isinstance(n.args[0], torch.fx.Node):
-            continue
-        if n.target is aten.dropout.default:
-            if _random_dropout(n):
-                continue
-        elif n.target is aten.to.dtype:  # (dtype, non_blocking, copy, memory_format): no copy asked for
-            if len(n.args) > 3 or set(n.kwargs) - {"non_blocking"} or _val(n).dtype != _val(n.args[0]).dtype:
-                continue
-        else:
-            continue
-        n.replace_all_uses_with(n.args[0])
-        done.append(f"{n.name} ({_short(n.target)})")
-        graph.erase_node(n)
+        if n.op == "call_function" and n.target is aten.dropout.default and not _random_dropout(n) and \
+                n.args and isinstance(n.args[0], torch.fx.Node):
+            n.replace_all_uses_with(n.args[0])
+            done.append(f"{n.name} ({_short(n.target)})")
+            graph.erase_node(n)
     return done
 
 
@@ -1023,16 +1024,28 @@ def _with_residual(group: Group, norm: torch.fx.Node, taken) -> Group:
     """The norm group with the `add` of two same-shape tensors that computes its input (the
     transformer's residual stream: h = x + r) joined in front, where there is one: the kernel then
     reads x and r and writes h (which usually feeds the next residual add too) and norm(h), in
-    one pass. The group's first input, x, must be its first node's first argument. (transformers'
-    RMSNorm starts with a no-op `x.to(torch.float32)`: `remove_identities` has taken it out.)"""
-    add = group.inputs[0]
+    one pass. The group's first input, x, must be its first node's first argument. A cast between
+    the add and the norm, a no-op when traced, joins too: transformers' RMSNorm starts with
+    `x.to(torch.float32)`, which in fp32 returns x itself, so the next residual add reads the cast;
+    h then stands for the cast (the add's one user), or for the add where only the norm reads the
+    cast. (At run time the kernel runs only in the cast's dtype: `Kernel.casts`.) `x + x` stays
+    out: its two inputs are one tensor."""
+    add, prefix, h = group.inputs[0], [], group.inputs[0]
+    if getattr(add, "target", None) in CASTS and add not in taken and isinstance(add.args[0], torch.fx.Node) and \
+            _val(add).dtype == _val(add.args[0]).dtype and _val(add).shape == _val(add.args[0]).shape:
+        cast, add = add, add.args[0]
+        outside = [u for u in cast.users if u not in group.nodes]
+        if outside and len(add.users) > 1:  # both the sum and its cast leave the group: two names for h
+            return group
+        prefix, h = [cast], cast if outside else add
     if getattr(add, "target", None) is not aten.add.Tensor or add in taken or add.kwargs or \
-            not all(isinstance(a, torch.fx.Node) and _val(a).shape == _val(add).shape and
-                    _val(a).dtype == _val(norm).dtype for a in add.args[:2]):
+            add.args[0] is add.args[1] or not all(isinstance(a, torch.fx.Node) and _val(a).shape == _val(add).shape
+                                                  and _val(a).dtype == _val(norm).dtype for a in add.args[:2]):
         return group
-    slots = [(0, 0), (0, 1), *[(i + 1 if i is not None else None, j) for i, j in group.slots[1:]]]
-    return Group(group.pattern, [add, *group.nodes], [add.args[0], add.args[1], *group.inputs[1:]],
-                 [add, *group.outputs], {**group.params, "has_residual": True}, slots)
+    shift = 1 + len(prefix)
+    slots = [(0, 0), (0, 1), *[(i + shift if i is not None else None, j) for i, j in group.slots[1:]]]
+    return Group(group.pattern, [add, *prefix, *group.nodes], [add.args[0], add.args[1], *group.inputs[1:]],
+                 [h, *group.outputs], {**group.params, "has_residual": True}, slots)
 
 
 def _single(n) -> torch.fx.Node | None:
@@ -1117,10 +1130,10 @@ def _reference(group: Group) -> torch.fx.GraphModule:
     out) -> (outputs...). Dropout runs as the kernel draws it (`_dropout_ref`)."""
     g = torch.fx.Graph()
     env = {}
-    for i, x in enumerate(group.inputs):
-        if x is None:
-            continue
-        env[x] = g.placeholder(f"in{i}")
+    for i, x in enumerate(group.inputs):  # one placeholder per slot: callers pass None for a missing one
+        p = g.placeholder(f"in{i}")
+        if x is not None and x not in env:  # (one tensor in two slots reads the first)
+            env[x] = p
     drops = [n for n in group.nodes if _random_dropout(n)]
     seed = g.placeholder("seed") if drops else None
     for n in group.nodes:
@@ -1302,6 +1315,10 @@ def _unsafe(group: Group, mutated: set) -> str | None:
     if any(x is not None and _alias_base(x) in mutated for x in group.inputs):
         return "an input (or a tensor it views) is modified in place in the graph: the fused call could read it " \
                "after the change, or save it for a backward that then fails"
+    kept = group.outputs[:1] if group.pattern == "softmax" or group.params.get("has_residual") else []
+    if any(_alias_base(o) in mutated or any(_alias_base(u) in mutated for u in o.users) for o in kept):
+        return "an output that autograd keeps for the backward (h = x + r, or softmax's y) is modified in place " \
+               "in the graph: the backward would fail"
     if any(not _val(o).is_contiguous() for o in group.outputs):
         return "an output keeps a non-row-major layout in eager (transposed or channels-last) that a kernel's " \
                "row-major output would change"
@@ -1392,7 +1409,8 @@ def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
         dtype = _val(grp.outputs[0]).dtype
         what = (backend, grp.pattern, grp.params, kinds, space, str(dtype), [_short(n.target) for n in grp.nodes]) \
             + ((in_dtypes,) if ops.startswith("dequant") else ()) \
-            + ([tuple(_val(x).shape) if x is not None else None for x in grp.inputs],)  # (a softmax mask's rows)
+            + ([tuple(_val(x).shape) if x is not None else None for x in grp.inputs],) \
+            + ([grp.inputs.index(x) for x in grp.inputs],)  # (a softmax mask's rows; x + x: one tensor, two slots)
         if backend == "cpu":  # compiled in: the streaming-store threshold and bf16 pairs (common.h.j2)
             what += (cpu.nt_bytes(), cpu.pairs())
         digest = hashlib.sha256(repr(what).encode()).hexdigest()[:8]  # same computation -> same kernel
@@ -1455,8 +1473,8 @@ def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
         summary=f"fusion ({backend}): {len(kernels)} kernel(s) called {sum(k['uses'] for k in kernels)} times "
                 f"replace {replaced} ops; {len(declined)} declined"
                 + (f"; {len(rewrites)} `1 + tanh(u)` computed as `2 sigmoid(2u)`" if rewrites else "")
-                + (f"; {len(identities)} identity op(s) removed" if identities else ""),
+                + (f"; {len(identities)} dropout(s) of p=0 removed" if identities else ""),
         changed_graph=bool(kernels or rewrites or identities), declined=declined,
         details={"kernels": kernels, **({"rewrites": {k: v for k, v in (
-            ("1 + tanh(u) -> 2 sigmoid(2u)", rewrites), ("identity (dropout p=0 or eval, no-op cast) -> its input", identities))
+            ("1 + tanh(u) -> 2 sigmoid(2u)", rewrites), ("dropout with p=0 or in eval -> its input", identities))
             if v}} if rewrites or identities else {})})
