@@ -1016,11 +1016,11 @@ def find_layernorms(graph, taken, residual: bool = True) -> list[Group]:
             params = {"eps": eps, "has_weight": w is not None, "has_bias": b is not None, "has_residual": False}
             wb = [(0, 2) if w is not None else (None, None), (0, 3) if b is not None else (None, None)]
             group = Group("layernorm", [n], [x, w, b], [n], params, [(0, 0), *wb])
-            out.append(_with_residual(group, n, taken) if residual else group)
+            out.append(_with_residual(group, n, taken, out) if residual else group)
     return out
 
 
-def _with_residual(group: Group, norm: torch.fx.Node, taken) -> Group:
+def _with_residual(group: Group, norm: torch.fx.Node, taken, found: list) -> Group:
     """The norm group with the `add` of two same-shape tensors that computes its input (the
     transformer's residual stream: h = x + r) joined in front, where there is one: the kernel then
     reads x and r and writes h (which usually feeds the next residual add too) and norm(h), in
@@ -1029,7 +1029,9 @@ def _with_residual(group: Group, norm: torch.fx.Node, taken) -> Group:
     `x.to(torch.float32)`, which in fp32 returns x itself, so the next residual add reads the cast;
     h then stands for the cast (the add's one user), or for the add where only the norm reads the
     cast. (At run time the kernel runs only in the cast's dtype: `Kernel.casts`.) `x + x` stays
-    out: its two inputs are one tensor."""
+    out: its two inputs are one tensor. So does an add that a group `found` before this one has
+    joined already (one sum normalized twice): this norm is fused without it."""
+    taken = set(taken).union(*(g.nodes for g in found))
     add, prefix, h = group.inputs[0], [], group.inputs[0]
     if getattr(add, "target", None) in CASTS and add not in taken and isinstance(add.args[0], torch.fx.Node) and \
             _val(add).dtype == _val(add.args[0]).dtype and _val(add).shape == _val(add.args[0]).shape:
@@ -1090,7 +1092,7 @@ def find_rmsnorms(graph, taken, residual: bool = True) -> list[Group]:
         chain.append(nxt)
         params = {"eps": add.args[1], "has_weight": True, "has_bias": False, "has_residual": False}
         group = Group("rmsnorm", chain, [x, w], [nxt], params, [(0, 0), (len(chain) - 1, nxt.args.index(w))])
-        out.append(_with_residual(group, nxt, taken) if residual else group)
+        out.append(_with_residual(group, nxt, taken, out) if residual else group)
     return out
 
 

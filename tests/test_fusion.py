@@ -1058,6 +1058,31 @@ def test_a_residual_norm_whose_h_is_modified_in_place_stays_eager():
     compiled(x, r).sum().backward()
 
 
+class OneSumTwoNorms(nn.Module):  # h = x + r normalized by two RMSNorms
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = RMSNorm(), RMSNorm()
+
+    def forward(self, x, r):
+        h = x + r
+        return self.a.norm(h) + self.b.norm(h) * 2 + h
+
+
+def test_one_sum_normalized_twice_joins_one_norm_and_both_fuse():
+    """Both norms' matchers see the same add; the first joins it, the second is fused without it
+    (found by review: the second norm group was dropped whole). Forward and backward against eager."""
+    xs = inputs("residual_layernorm", torch.float32)
+    torch.manual_seed(0)
+    compiled, y, grads = run(OneSumTwoNorms(), xs, fused=True)
+    norms = [k["ops"][0] for k in compiled.report()["kernels"] if k["pattern"] == "rmsnorm"]
+    assert sorted(norms) == ["add.Tensor", "pow.Tensor_Scalar"]
+    torch.manual_seed(0)
+    _, y_ref, grads_ref = run(OneSumTwoNorms(), xs, fused=False)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-4)
+
+
 class StridedWeightLayerNorm(nn.Module):  # the norm's weight and bias: columns of larger parameters
     def __init__(self, residual: bool):
         super().__init__()
