@@ -243,6 +243,22 @@ class Group:
                         self.inputs.append(x)
 
 
+class _CastProbe(torch.fx.Interpreter):
+    """Runs a group's reference (on fake tensors) and notes whether a float cast in it changes the
+    dtype: traced as a no-op, it casts under autocast when the ops before it ran in bf16, and the
+    kernel, which would compute those ops in the cast's dtype, cannot round as eager does."""
+
+    casts = False
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.op == "call_function" and n.target in CASTS and isinstance(n.args[0], torch.fx.Node):
+            src = self.env[n.args[0]]
+            if src.is_floating_point() and out.dtype != src.dtype:
+                self.casts = True
+        return out
+
+
 class Kernel:
     """A fused group at run time: its generated kernel per dtype, and the unfused reference."""
 
@@ -272,6 +288,7 @@ class Kernel:
         self._cargs: tuple | None = None  # the C kernel's constant arguments (_c_args)
         self._launched: set = set()  # dtypes whose Triton kernel has launched (compiled) once
         self.entry: dict | None = None  # its entry in the report's `kernels` (runtime fallbacks)
+        self.ran = True  # whether the last call ran the kernel (False: the unfused ops)
 
     def _autocast_inputs(self, xs: list) -> list | None:
         """Under autocast, eager would run the group's ops with autocast's casts (LayerNorm in fp32,
@@ -284,12 +301,13 @@ class Kernel:
         if target is None:
             from torch._subclasses.fake_tensor import FakeTensorMode
 
+            probe = _CastProbe(self.ref)
             with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                outs = self.ref(*[mode.from_tensor(x) if x is not None else None for x in xs],
-                                *([torch.zeros((), dtype=torch.int64)] if self.seeded else []))
+                outs = probe.run(*[mode.from_tensor(x) if x is not None else None for x in xs],
+                                 *([torch.zeros((), dtype=torch.int64)] if self.seeded else []))
             dtypes = {o.dtype for o in (outs if isinstance(outs, (tuple, list)) else (outs,))}
-            target = self._autocast[key] = dtypes.pop() if len(dtypes) == 1 else False
-        if not target:  # outputs of several dtypes (a bf16 h beside an fp32 norm): the unfused ops
+            target = self._autocast[key] = dtypes.pop() if len(dtypes) == 1 and not probe.casts else False
+        if not target:  # outputs of several dtypes (a bf16 h beside an fp32 norm), or a cast that casts
             return None
         return [x.to(target) if x is not None and x.is_floating_point() and x.dtype != target else x for x in xs]
 
@@ -502,19 +520,21 @@ class Kernel:
         return [g if g is None or kind == "full" else g.sum_to_size(shape)
                 for g, shape, kind in zip(got, self.input_shapes, self.kinds)]
 
-    def softmax_backward(self, y: torch.Tensor, dy: torch.Tensor | None, needs: tuple, autocast) -> list:
+    def softmax_backward(self, y: torch.Tensor, dy: torch.Tensor | None, needs: tuple, autocast,
+                         fused: bool = True) -> list:
         """x's (and the mask's) gradient from the probabilities y the forward wrote, which autograd
         keeps in place of x and the mask (eager's softmax keeps y too; the next matmul keeps the
         same tensor): dz = y * (dy - sum(dy * y)), dx = scale * dz, the mask's dz summed to its
-        shape. The generated kernel computes dx where it applies: no autocast, no second
-        derivative, a mask that needs no gradient. Elsewhere eager's own formula does, in torch
+        shape. The generated kernel computes dx where it applies: a forward that ran the kernel,
+        no autocast, no second derivative, a mask that needs no gradient. Elsewhere eager's own formula does, in torch
         ops (differentiable under create_graph)."""
         n_in = len(self.input_shapes)
         if dy is None:
             return [None] * n_in
         scale, mask_grad = float(self.params["scale"]), self.params["has_mask"] and needs[1]
         dtype = y.dtype
-        if self.has_backward and not (torch.is_grad_enabled() or autocast[1] or mask_grad) and dtype in cpu.DTYPES and dy.dtype == dtype \
+        if fused and self.has_backward and not (torch.is_grad_enabled() or autocast[1] or mask_grad) and \
+                dtype in cpu.DTYPES and dy.dtype == dtype \
                 and y.device.type == self._device(y) and tuple(y.shape) == self.shape == tuple(dy.shape):
             built = self._backward_kernel(dtype)
             if built is not None:
@@ -615,6 +635,7 @@ class Kernel:
         seeds = [torch.randint(0, 1 << 32, (), dtype=torch.int64, device=first.device)] if self.seeded else []
         if not usable:
             return self._unfused(xs, seeds)
+        self.ran = True  # (False when the call ran the unfused ops: `_unfused`; read by _Fused.forward)
         fn = self.compiled.get(dtype)
         if fn is None:  # a dtype the compile did not build (autocast): built now
             try:
@@ -655,6 +676,7 @@ class Kernel:
     def _unfused(self, xs: list, seeds: list) -> list:
         """The group's original ops, for a call the kernel cannot take."""
         self.calls["fallback"] += 1
+        self.ran = False
         out = self.ref(*xs, *seeds)
         return [o.contiguous() for o in (out if isinstance(out, (tuple, list)) else (out,))] + seeds
 
@@ -747,6 +769,7 @@ class _Fused(torch.autograd.Function):
         outs = kernel(list(xs))
         ctx.name, ctx.n_in = name, len(xs)
         ctx.set_materialize_grads(False)  # an output without a gradient arrives as None, not zeros
+        ctx.fused = kernel.ran  # the forward ran the kernel: a generated backward matches it
         kept = kernel.for_backward(list(xs), outs)
         ctx.save_for_backward(*kept, *outs[len(outs) - kernel.seeded:])
         # a pointwise group's inputs its backward does not read: their dtype and device, for a recompute
@@ -762,10 +785,10 @@ class _Fused(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         return (None, *_backward(ctx.name, ctx.saved_tensors, ctx.n_in, ctx.autocast, grads, ctx.needs_input_grad[1:],
-                                 ctx.dropped))
+                                 ctx.dropped, ctx.fused))
 
 
-def _backward(name: str, saved, n_in: int, autocast, grads, needs: tuple, dropped=()) -> list:
+def _backward(name: str, saved, n_in: int, autocast, grads, needs: tuple, dropped=(), fused: bool = True) -> list:
     """The inputs' gradients: the group's generated backward kernel where it applies, else its
     original ops recomputed from the saved inputs (under the autocast the forward ran in; dropout
     redraws its mask from the saved seed) and differentiated. Under create_graph=True (grad mode on
@@ -773,16 +796,17 @@ def _backward(name: str, saved, n_in: int, autocast, grads, needs: tuple, droppe
     detached, so that the result can be differentiated again: the kernels have no second
     derivative. A residual norm saved h = x + r instead of x and r (`Kernel.saves_sum`); a
     pointwise group only the inputs its backward reads (`dropped`: the others' dtype and device).
-    The others' values do not enter the gradients, so the recompute reads zeros in their place."""
+    The others' values do not enter the gradients, so the recompute reads zeros in their place. A
+    forward that ran the unfused ops (`fused` False) gets the recompute: eager's rounding."""
     kernel = KERNELS[name]
     if kernel.pattern == "softmax":  # from the saved probabilities: a kernel, or eager's formula
-        return kernel.softmax_backward(saved[0], grads[0], needs, autocast)
+        return kernel.softmax_backward(saved[0], grads[0], needs, autocast, fused)
     if kernel.saves_sum and grads[1] is None:
         # only h's gradient: it is x's and r's. This is also what the recompute below asks of this
         # very op under create_graph: its graph starts from the saved h, whose grad_fn is this op
         return [grads[0], grads[0], None, None][:n_in]
     create_graph = torch.is_grad_enabled()
-    got = None if create_graph else kernel.generated_backward(saved, n_in, grads, needs, autocast)
+    got = None if create_graph or not fused else kernel.generated_backward(saved, n_in, grads, needs, autocast)
     if got is not None:
         return got
     xs = list(saved[:n_in]) if create_graph else \
@@ -1412,7 +1436,8 @@ def fuse_kernels(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
         what = (backend, grp.pattern, grp.params, kinds, space, str(dtype), [_short(n.target) for n in grp.nodes]) \
             + ((in_dtypes,) if ops.startswith("dequant") else ()) \
             + ([tuple(_val(x).shape) if x is not None else None for x in grp.inputs],) \
-            + ([grp.inputs.index(x) for x in grp.inputs],)  # (a softmax mask's rows; x + x: one tensor, two slots)
+            + ([grp.inputs.index(x) for x in grp.inputs], [grp.nodes.index(o) for o in grp.outputs])
+        # (a softmax mask's rows; x + x: one tensor in two slots; a residual h that is the add or its cast)
         if backend == "cpu":  # compiled in: the streaming-store threshold and bf16 pairs (common.h.j2)
             what += (cpu.nt_bytes(), cpu.pairs())
         digest = hashlib.sha256(repr(what).encode()).hexdigest()[:8]  # same computation -> same kernel

@@ -1003,6 +1003,67 @@ def test_a_cast_that_is_a_no_op_when_traced_still_casts_at_run_time():
     assert y.dtype == ref.dtype == torch.float32 and torch.equal(y, ref)
 
 
+class TwoLinearsUpcast(nn.Module):  # bf16 ops before a cast under a bf16 plan: eager rounds them in bf16
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        return (self.a(x) * 3.0 + self.b(x)).float() * 0.5 + 1.0
+
+
+class TanhUpcast(nn.Module):
+    def forward(self, x, r):
+        return torch.tanh(x * 3.0 + r).float() * 1.7
+
+
+class CastOrAddResidual(nn.Module):  # two residual norms: h is the cast in one, the add in the other
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w2 = nn.Parameter(1 + 0.1 * torch.randn(64)), nn.Parameter(1 + 0.1 * torch.randn(64))
+
+    @staticmethod
+    def rms(w, h):
+        return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+    def forward(self, x1, r1, x2, r2):
+        h1 = x1 + r1
+        res = h1
+        h1 = h1.to(torch.float32)  # traced: res reads the cast, which stands for h
+        h2 = x2 + r2
+        z = h2 * 2  # reads the add (before the cast, which would otherwise stand for h2 from then on)
+        return self.rms(self.w1, h1), res, self.rms(self.w2, h2.to(torch.float32)), z
+
+
+def test_groups_holding_a_traced_no_op_cast_round_as_eager_does():
+    """Found by a second review: (1) under a bf16 plan, ops before a cast that casts ran in fp32 in
+    the kernel where eager rounds them in bf16 (one bf16 ulp off); (2) two residual norms whose h is
+    the cast in one and the add in the other shared one kernel and one reference (z came back fp32);
+    (3) a backward after a forward that ran the unfused ops took the backward kernel (one rounding
+    instead of eager's). All three now match eager exactly."""
+    torch.manual_seed(0)
+    module, x = TwoLinearsUpcast(), torch.randn(8, 64)
+    compiled = dsc.compile(copy.deepcopy(module), {"fusion": {"enabled": True}, "precision": {"dtype": "bf16"}},
+                           example_inputs=(x,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = module(x)
+    assert torch.equal(compiled(x), ref)
+    xs = [torch.randn(8, 64) for _ in range(4)]
+    module = CastOrAddResidual()
+    compiled = dsc.compile(copy.deepcopy(module), {"fusion": {"enabled": True}}, example_inputs=tuple(xs))
+    assert len({k["name"] for k in compiled.report()["kernels"] if k["pattern"] == "rmsnorm"}) == 2
+    got = compiled(*[t.bfloat16() for t in xs])
+    assert got[3].dtype == torch.bfloat16
+    x, r = torch.randn(64, 256), torch.randn(64, 256)
+    compiled = dsc.compile(TanhUpcast(), {"fusion": {"enabled": True}}, example_inputs=(x, r))
+    res = []
+    for model in (compiled, TanhUpcast()):
+        a, b = x.bfloat16().requires_grad_(), r.bfloat16().requires_grad_()
+        model(a, b).backward(torch.cos(x))
+        res.append((a.grad, b.grad))
+    assert all(torch.equal(u, v) for u, v in zip(*res))
+
+
 class DoubledLayerNorm(nn.Module):  # h = x + x: one tensor in both slots of the add
     def __init__(self):
         super().__init__()
