@@ -982,19 +982,25 @@ class CastTanh(nn.Module):  # a cast inside a pointwise group
         return torch.tanh(x.to(torch.float32)) * 3.0
 
 
-def test_a_cast_that_is_a_no_op_when_traced_still_casts_at_run_time():
-    """`x.float()` traced on fp32 is a real cast under a bf16 plan (autocast) or for bf16 inputs to an
-    fp32 compile: its result stays fp32 and eager's (found by review: removing such casts, or a
-    kernel computing them in bf16, returned bf16)."""
+def _under_a_bf16_plan(build) -> tuple:
+    """(the fused model's output under a bf16 plan, eager's under autocast), on the same weights."""
     torch.manual_seed(0)
-    module, x = UpcastSoftmax(), torch.randn(8, 64)
+    module, x = build(), torch.randn(8, 64)
     compiled = dsc.compile(copy.deepcopy(module), {"fusion": {"enabled": True}, "precision": {"dtype": "bf16"}},
                            example_inputs=(x,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = module(x)
-    y = compiled(x)
+    return compiled(x), ref
+
+
+def test_a_cast_that_is_a_no_op_when_traced_still_casts_at_run_time():
+    """`x.float()` traced on fp32 is a real cast under a bf16 plan (autocast) or for bf16 inputs to an
+    fp32 compile: its result stays fp32 and eager's (found by review: removing such casts, or a
+    kernel computing them in bf16, returned bf16)."""
+    y, ref = _under_a_bf16_plan(UpcastSoftmax)
     assert y.dtype == ref.dtype == torch.float32
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    x = torch.randn(8, 64)
     compiled = dsc.compile(CastTanh(), {"fusion": {"enabled": True}}, example_inputs=(x,))
     (kernel,) = compiled.report()["kernels"]
     assert kernel["ops"][0] == "to.dtype"
@@ -1041,13 +1047,7 @@ def test_groups_holding_a_traced_no_op_cast_round_as_eager_does():
     the cast in one and the add in the other shared one kernel and one reference (z came back fp32);
     (3) a backward after a forward that ran the unfused ops took the backward kernel (one rounding
     instead of eager's). All three now match eager exactly."""
-    torch.manual_seed(0)
-    module, x = TwoLinearsUpcast(), torch.randn(8, 64)
-    compiled = dsc.compile(copy.deepcopy(module), {"fusion": {"enabled": True}, "precision": {"dtype": "bf16"}},
-                           example_inputs=(x,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref = module(x)
-    assert torch.equal(compiled(x), ref)
+    assert torch.equal(*_under_a_bf16_plan(TwoLinearsUpcast))
     xs = [torch.randn(8, 64) for _ in range(4)]
     module = CastOrAddResidual()
     compiled = dsc.compile(copy.deepcopy(module), {"fusion": {"enabled": True}}, example_inputs=tuple(xs))
