@@ -1342,7 +1342,7 @@ def _unsafe(group: Group, mutated: set) -> str | None:
         return "an input (or a tensor it views) is modified in place in the graph: the fused call could read it " \
                "after the change, or save it for a backward that then fails"
     kept = group.outputs[:1] if group.pattern == "softmax" or group.params.get("has_residual") else []
-    if any(_alias_base(o) in mutated or any(_alias_base(u) in mutated for u in o.users) for o in kept):
+    if any(_alias_base(o) in mutated for o in kept):
         return "an output that autograd keeps for the backward (h = x + r, or softmax's y) is modified in place " \
                "in the graph: the backward would fail"
     if any(not _val(o).is_contiguous() for o in group.outputs):
