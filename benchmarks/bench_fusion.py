@@ -355,10 +355,24 @@ def in_cache_rate(module, xs, n_big: int, reps: int = 200) -> float:
 
 
 def build_block(kind: str, dtype, batch: int, seq: int):
-    """(block module returning a scalar, its input): our GPT's block or transformers' Llama layer
-    (with rotary embeddings), width 1024, on DEVICE in `dtype`, seeded."""
+    """(block module returning a scalar, its input): our GPT's block, transformers' Llama layer
+    (with rotary embeddings) or transformers' GPT-2 block in training mode with its default
+    dropouts (0.1), width 1024, on DEVICE in `dtype`, seeded."""
     torch.manual_seed(0)
-    if kind == "llama":
+    if kind == "gpt2":
+        from transformers import GPT2Config
+        from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+        class Block(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.block = GPT2Block(GPT2Config(n_embd=1024, n_head=16), 0)
+
+            def forward(self, x):
+                return self.block(x)[0].float().mean()
+
+        block, width = Block().train(), 1024
+    elif kind == "llama":
         from transformers import LlamaConfig
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
@@ -451,12 +465,12 @@ def bench_backward(name: str, rows: int, cols: int, dtype, reps: int) -> dict:
 def main() -> int:
     global DEVICE, BLOCK
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--patterns", default=",".join(PATTERNS))
+    p.add_argument("--patterns", default=",".join(PATTERNS), help="comma-separated; 'none': only the block")
     p.add_argument("--shapes", default="8192x1024,4096x4096")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--block", default="gpt", choices=["gpt", "llama", "none"])
+    p.add_argument("--block", default="gpt", choices=["gpt", "llama", "gpt2", "none"])
     p.add_argument("--block-batch", type=int, default=4)
     p.add_argument("--block-seq", type=int, default=256)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
@@ -465,6 +479,9 @@ def main() -> int:
                    help="CPU: calls of one contender in a row within each round (1: strictly interleaved)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    patterns = [n for n in args.patterns.split(",") if n and n != "none"]
+    if set(patterns) - set(PATTERNS):
+        p.error(f"unknown pattern(s) {sorted(set(patterns) - set(PATTERNS))}; known: {', '.join(PATTERNS)}")
     DEVICE, BLOCK = args.device, args.run_length
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -472,7 +489,7 @@ def main() -> int:
     copy = copy_bandwidth(max(r * c for r, c in shapes) * 4, args.reps)
     rows = []
     for dt in args.dtypes.split(","):
-        for name in filter(None, args.patterns.split(",")):
+        for name in patterns:
             for r, c in shapes:
                 res = bench_pattern(name, r, c, DTYPES[dt], args.reps)
                 rows.append(res)
@@ -491,7 +508,7 @@ def main() -> int:
           + (" (the % columns use the copy timed in each pattern's rounds)" if DEVICE == "cpu" else "") + ", "
           + (torch.cuda.get_device_name() if DEVICE == "cuda" else f"{args.threads} threads"))
     for dt in args.dtypes.split(","):  # forward + backward (every pattern has a generated backward kernel)
-        for name in [n for n in args.patterns.split(",") if n in PATTERNS]:
+        for name in patterns:
             r, c = shapes[0]
             res = bench_backward(name, r, c, DTYPES[dt], args.reps)
             print(json.dumps(res) if args.json else

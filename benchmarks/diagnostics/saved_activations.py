@@ -35,23 +35,6 @@ def saved_bytes(model, x) -> int:
     return sum(saved.values())
 
 
-def gpt2_block(dtype, batch: int, seq: int):
-    """transformers' GPT2Block, width 1024, in training mode with its default dropouts (0.1)."""
-    from transformers import GPT2Config
-    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
-
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.block = GPT2Block(GPT2Config(n_embd=1024, n_head=16), 0)
-
-        def forward(self, x):
-            return self.block(x)[0].float().mean()
-
-    torch.manual_seed(0)
-    return Block().to(dtype).train(), torch.randn(batch, seq, 1024).to(dtype)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=4)
@@ -60,8 +43,7 @@ def main():
     args = p.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     for kind in ("gpt", "llama", "gpt2"):
-        block, x = gpt2_block(dtype, args.batch, args.seq) if kind == "gpt2" else \
-            bench_fusion.build_block(kind, dtype, args.batch, args.seq)
+        block, x = bench_fusion.build_block(kind, dtype, args.batch, args.seq)
         row = {"eager": saved_bytes(block, x)}
         for name, plan in (("dsc", {}), ("dsc+fusion", {"fusion": {"enabled": True}})):
             row[name] = saved_bytes(dsc.compile(block, plan, example_inputs=(x,)), x)
