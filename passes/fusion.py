@@ -526,8 +526,8 @@ class Kernel:
         keeps in place of x and the mask (eager's softmax keeps y too; the next matmul keeps the
         same tensor): dz = y * (dy - sum(dy * y)), dx = scale * dz, the mask's dz summed to its
         shape. The generated kernel computes dx where it applies: a forward that ran the kernel,
-        no autocast, no second derivative, a mask that needs no gradient. Elsewhere eager's own formula does, in torch
-        ops (differentiable under create_graph)."""
+        no autocast, no second derivative, a mask that needs no gradient. Elsewhere eager's own
+        formula does, in torch ops (differentiable under create_graph)."""
         n_in = len(self.input_shapes)
         if dy is None:
             return [None] * n_in
