@@ -13,10 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 from . import __version__
-from .analyze import parameter_bytes
 
 
 def build_report(model, plan, captured, programs) -> dict[str, Any]:
+    from .analyze import parameter_bytes  # torch: not for `dsc inspect`, which only reads JSON
+
     trainable, frozen, buffers = parameter_bytes(programs[0].gm)
     return {
         "dsc_version": __version__,

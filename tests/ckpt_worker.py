@@ -25,6 +25,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--load")
     p.add_argument("--save")
+    p.add_argument("--save-after", type=int, help="save after this many of the steps, then train on (default: all)")
     add_parallel_args(p)
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -42,16 +43,21 @@ def main() -> None:
     if args.load:
         compiled.load_checkpoint(args.load)
         assert compiled.global_steps == args.start, (compiled.global_steps, args.start)
-    for step in range(args.start, args.start + args.steps):
+    save_after = args.steps if args.save_after is None else args.save_after
+    saved = None
+    for i, step in enumerate(range(args.start, args.start + args.steps + 1)):
+        if args.save and i == save_after:  # one run gives the checkpoint and the uninterrupted run
+            compiled.save_checkpoint(args.save)
+            saved = compiled.full_state_dict()
+        if i == args.steps:
+            break
         for micro in rank_micro_batches(data, step, GLOBAL, rank, world, 1):
             a, kw = batch(micro)
             compiled.backward(loss_of(compiled(*a, **kw)))
             compiled.step()
-    if args.save:
-        compiled.save_checkpoint(args.save)
     state = compiled.full_state_dict()
     if dist.get_rank() == 0:
-        torch.save({"state": state, "lr": compiled.get_lr(), "steps": compiled.global_steps}, args.out)
+        torch.save({"state": state, "saved": saved, "lr": compiled.get_lr(), "steps": compiled.global_steps}, args.out)
     del compiled
     dsc.runtime.mesh.shutdown()
 

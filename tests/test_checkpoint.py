@@ -34,8 +34,7 @@ def test_save_on_2_resume_exactly_and_reshard_to_1_and_4(tmp_path):
     an uninterrupted 4-step run), on 1 rank under ZeRO-3 and on 4 ranks under ZeRO-1 (equal within
     fp32 tolerance: other reduction orders). Llama has no biases whose gradient is pure noise."""
     ck = tmp_path / "ck"
-    full = worker(tmp_path, 2, "full", "--stage", "2", "--steps", "4")
-    saved = worker(tmp_path, 2, "first", "--stage", "2", "--steps", "2", "--save", str(ck))
+    full = worker(tmp_path, 2, "full", "--stage", "2", "--steps", "4", "--save", str(ck), "--save-after", "2")
     same = worker(tmp_path, 2, "same", "--stage", "2", "--start", "2", "--steps", "2", "--load", str(ck))
     for k, v in full["state"].items():
         assert torch.equal(same["state"][k], v), f"resume on the same layout is not exact: {k}"
@@ -53,7 +52,7 @@ def test_save_on_2_resume_exactly_and_reshard_to_1_and_4(tmp_path):
     assert proc.returncode == 0, proc.stderr
     model = hf_llama()
     model.load_state_dict(torch.load(out))
-    assert_close(model.state_dict(), saved["state"], rtol=0)  # exactly what was saved
+    assert_close(model.state_dict(), full["saved"], rtol=0)  # exactly what was saved
 
     # the shards are torch.distributed.checkpoint's: ZeRO-2 chunks cut parameters, so a parameter
     # has pieces from both ranks, and plain DCP reads it whole without dsc
@@ -78,8 +77,8 @@ def test_tensor_parallel_checkpoint_resumes_and_reshards_across_tp_and_dp(tmp_pa
     """Save on tp=2 (Llama, vocabulary 97 padded to 98 per tp slice); resume exactly on tp=2, and
     within fp32 tolerance on 1 rank (no tp) and on tp=2 x dp=2 under ZeRO-3; consolidate."""
     ck, v = tmp_path / "ck", ("--vocab", "97")
-    full = worker(tmp_path, 2, "full", "--stage", "1", "--tp", "2", "--steps", "4", *v)
-    worker(tmp_path, 2, "first", "--stage", "1", "--tp", "2", "--steps", "2", "--save", str(ck), *v)
+    full = worker(tmp_path, 2, "full", "--stage", "1", "--tp", "2", "--steps", "4", "--save", str(ck),
+                  "--save-after", "2", *v)
     same = worker(tmp_path, 2, "same", "--stage", "1", "--tp", "2", "--start", "2", "--steps", "2",
                   "--load", str(ck), *v)
     for k, t in full["state"].items():

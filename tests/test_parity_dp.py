@@ -65,7 +65,8 @@ def eager_reference(model_name: str, world: int, precision: str = "fp32"):
         sched.step()
         opt.zero_grad()
         losses.append(loss.item())
-    noise = {k: g <= 1e-6 * g.max() for k, g in grad_max.items()}
+    rel = 1e-6 if dtype is None else LOW_NOISE
+    noise = {k: g <= rel * g.max() for k, g in grad_max.items()}
     return losses, model.state_dict(), norms, noise
 
 
@@ -97,6 +98,7 @@ def run_models(tmp_path_factory, world: int) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("parity_runs")  # one pytest worker: the launches are cached in _RUNS
 @pytest.mark.parametrize("model_name,world", CASES, ids=[f"{m}-ws{w}" for m, w in CASES])
 def test_zero_stages_match_eager(tmp_path_factory, model_name, world):
     ref_losses, ref_state, ref_norms, noise = eager_reference(model_name, world)
@@ -184,20 +186,38 @@ def test_communication_options_match_eager(tmp_path, option):
 # the low dtype (every op then sees weights rounded to it, as in DeepSpeed's bf16 mode), which
 # eager autocast does not do for fp32-kept ops (norms): twice the bound there.
 LOW_TOL = {"bf16": 1e-2, "fp16": 2e-3}
+# Low precision has its own noise floor. A coordinate whose eager gradient never exceeds 1e-3 of
+# its tensor's largest is within the rounding noise of the bf16/fp16 products summed into it (one
+# ulp of bf16 is 2**-8 of a value): its sign can differ between any two summation orders, and
+# Adam's first step turns a sign into a full step of +-lr. Seen on an AVX2 host: stages 0-2 of
+# the 4-rank hf_llama run equal eager to 1e-8 except one embedding coordinate (gradient 3.3e-6
+# against the tensor's 4.5e-2), 0.017 away: 1.4e-2 of the whole tensor's norm. Such coordinates
+# are held to what two runs of Adam can differ by at most, 2 x steps x lr, and the rest to LOW_TOL.
+LOW_NOISE = 1e-3
+
+
+def assert_low_precision_close(got: dict, ref: dict, noise: dict, tol: float, what: str) -> None:
+    """Each parameter tensor within `tol` relative in norm over its real-gradient coordinates; the
+    noise coordinates (LOW_NOISE) within the most two Adam runs can differ by."""
+    for k, v in ref.items():
+        diff, real = (got[k].double() - v.double()), ~noise[k]
+        err, scale = float(diff[real].norm()), float(v.double()[real].norm())
+        assert err <= tol * scale, f"{what} {k}: |diff| {err:.3g} vs |ref| {scale:.3g}"
+        if (~real).any():
+            worst = float(diff[~real].abs().max())
+            assert worst <= 2 * STEPS * LR, f"{what} {k}: a noise coordinate moved {worst:.3g} (> 2 x steps x lr)"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision,world", [("bf16", 2), ("fp16", 2)])
 def test_mixed_precision_matches_eager_autocast(tmp_path, precision, world):
-    ref_losses, ref_state, _, _ = eager_reference("hf_llama", world, precision)
+    ref_losses, ref_state, _, noise = eager_reference("hf_llama", world, precision)
     results = run_dsc(tmp_path, "hf_llama", world, extra=("--precision", precision))
     for stage, res in results.items():
         tol = LOW_TOL[precision] * (2 if stage == 3 else 1)
         assert res["skipped"] == 0 and res["scale"] == (2.0 ** 16 if precision == "fp16" else 1.0)
         torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=tol, atol=0)
-        for k, v in ref_state.items():
-            err, scale = float((res["state"][k] - v).double().norm()), float(v.double().norm())
-            assert err <= tol * scale, f"{precision} ZeRO-{stage} {k}: |diff| {err:.3g} vs |ref| {scale:.3g}"
+        assert_low_precision_close(res["state"], ref_state, noise, tol, f"{precision} ZeRO-{stage}")
         assert_memory_is_analytic(res, stage, world)  # fp32 master weights: the same bytes as fp32
         if stage == 3:  # forward and backward gather low-precision casts of the shards: through shared staging
             assert res["shm"]["gather_staged"] > 0, res["shm"]
@@ -211,14 +231,12 @@ def test_bf16_gradient_accumulation_matches_eager_autocast(tmp_path):
     ranks: worst parameter 2.6e-3 / 2.9e-3 relative at stages 0-1 / 2, against 2.5e-3 with fp32
     accumulation; stage 3 8.8e-3 either way); gradient bytes halve exactly, and so do the bytes
     stages 1-2 send to reduce them."""
-    ref_losses, ref_state, _, _ = eager_reference("hf_llama", 4, "bf16")
+    ref_losses, ref_state, _, noise = eager_reference("hf_llama", 4, "bf16")
     results = run_dsc(tmp_path, "hf_llama", 4, extra=("--precision", "bf16", "--grad-accum", "bf16"))
     for stage, res in results.items():
         tol = LOW_TOL["bf16"] * (2 if stage == 3 else 1)
         torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=tol, atol=0)
-        for k, v in ref_state.items():
-            err, scale = float((res["state"][k] - v).double().norm()), float(v.double().norm())
-            assert err <= tol * scale, f"bf16 accumulation ZeRO-{stage} {k}: |diff| {err:.3g} vs |ref| {scale:.3g}"
+        assert_low_precision_close(res["state"], ref_state, noise, tol, f"bf16 accumulation ZeRO-{stage}")
         assert_memory_is_analytic(res, stage, 4, grad_bytes=2)
         if stage in (1, 2):  # each bucket's reduce-scatter carries 2 bytes per element (fp32: 4)
             buckets = next(p for p in res["report"]["passes"] if p["name"] == "plan_zero_buckets")["details"]["buckets"]
