@@ -17,13 +17,8 @@ demo: setup
 	$(BIN)/dsc compile examples/gpt.py --config examples/plan.json --world-size 2 --out dsc_out
 	$(BIN)/dsc run --nproc 2 examples/train.py --config examples/plan.json --steps 20
 
-# Two pytest workers: a multi-rank test spends much of its time importing torch and exporting the
-# model in each rank, and one worker left the 2 cores idle a quarter of the time (15m40s -> 13m).
-# Tests that share one rank launch carry the same xdist_group, so that launch happens once.
-WORKERS ?= 2
-
 test: setup
-	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python benchmarks/bench_dp.py

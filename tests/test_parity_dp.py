@@ -98,7 +98,6 @@ def run_models(tmp_path_factory, world: int) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("parity_runs")  # one pytest worker: the launches are cached in _RUNS
 @pytest.mark.parametrize("model_name,world", CASES, ids=[f"{m}-ws{w}" for m, w in CASES])
 def test_zero_stages_match_eager(tmp_path_factory, model_name, world):
     ref_losses, ref_state, ref_norms, noise = eager_reference(model_name, world)

@@ -227,7 +227,6 @@ def run_parity(tmp_path_factory, tp: int, vocab: int) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("tp_runs")  # one pytest worker: the launches are cached in _RUNS
 @pytest.mark.parametrize("model_name,tp,vocab", PARITY, ids=[f"{m}-tp{t}-v{v}" for m, t, v in PARITY])
 def test_tensor_parallel_training_matches_eager(tmp_path_factory, model_name, tp, vocab):
     """Vocabulary 96 divides; 97 is padded to a multiple of tp (padding masked out of the loss)."""
@@ -246,7 +245,6 @@ _RUNS_2D: dict = {}  # both models of the 2-D test in one launch (a 4-rank start
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("tp_2d_runs")
 @pytest.mark.parametrize("model_name", ["gpt", "hf_llama"])
 def test_2d_tensor_and_data_parallel_with_zero_matches_eager(tmp_path_factory, model_name):
     """tp=2 x dp=2 on 4 ranks, ZeRO-1/2/3 over the data-parallel dimension."""
