@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -20,6 +21,18 @@ def dsc(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([*dsc_cmd(), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+_JSON: dict = {}  # `dsc compile --format json` output per argument list: several tests read the same one
+
+
+def compile_json(*args: str) -> dict:
+    """The report of `dsc compile GPT --config PLAN *args --format json`, run once per argument list."""
+    if args not in _JSON:
+        out = dsc("compile", GPT, "--config", PLAN, *args, "--format", "json")
+        assert out.returncode == 0, out.stderr
+        _JSON[args] = (json.loads(out.stdout), out.stderr)
+    return _JSON[args]
+
+
 def test_help_lists_every_command():
     out = dsc("--help")
     assert out.returncode == 0
@@ -28,9 +41,7 @@ def test_help_lists_every_command():
 
 
 def test_compile_json_has_the_contracted_shape():
-    out = dsc("compile", GPT, "--config", PLAN, "--world-size", "4", "--format", "json")
-    assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout)
+    report, stderr = compile_json("--world-size", "4")
     assert {"plan", "passes", "ranks", "sources"} <= report.keys()
     assert [r["rank"] for r in report["ranks"]] == [0, 1, 2, 3]
     for r in report["ranks"]:
@@ -38,16 +49,14 @@ def test_compile_json_has_the_contracted_shape():
         assert r["comm_bytes_per_step"] > 0
     assert report["plan"]["parallel"]["data_parallel_size"] == 4
     assert [p["name"] for p in report["passes"]] == ["annotate_shapes", "plan_zero_buckets", "estimate_costs"]
-    assert "compiling rank 4/4" in out.stderr  # progress on stderr, data on stdout
+    assert "compiling rank 4/4" in stderr  # progress on stderr, data on stdout
 
 
 def test_compile_zero2_shards_grads_and_states_by_world_size():
     """ZeRO-2 bytes per rank: params 4Ψ, grads 4Ψ/N, Adam states 8Ψ/N (+ padding and step counters)."""
     reports = {}
     for n in (1, 2, 4):
-        out = dsc("compile", GPT, "--config", PLAN, "--world-size", str(n), "--format", "json")
-        assert out.returncode == 0, out.stderr
-        reports[n] = json.loads(out.stdout)["ranks"][0]["memory"]
+        reports[n] = compile_json("--world-size", str(n))[0]["ranks"][0]["memory"]
     psi = reports[1]["params_bytes"] // 4
     for n in (2, 4):
         m = reports[n]
@@ -144,9 +153,7 @@ def test_compiled_report_is_the_cli_json_for_the_same_rank():
     import dsc as dsc_pkg
     from gpt import build_model, example_inputs
 
-    out = dsc("compile", GPT, "--config", PLAN, "--format", "json")
-    assert out.returncode == 0, out.stderr
-    cli = json.loads(out.stdout)
+    cli = copy.deepcopy(compile_json("--world-size", "1")[0])
     compiled = dsc_pkg.compile(build_model(), PLAN, example_inputs=example_inputs())
     api = json.loads(json.dumps(compiled.report()))
     for report in (cli, api):  # wall-clock fields differ between two runs
