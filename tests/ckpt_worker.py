@@ -43,18 +43,22 @@ def main() -> None:
     if args.load:
         compiled.load_checkpoint(args.load)
         assert compiled.global_steps == args.start, (compiled.global_steps, args.start)
-    save_after = args.steps if args.save_after is None else args.save_after
     saved = None
-    for i, step in enumerate(range(args.start, args.start + args.steps + 1)):
-        if args.save and i == save_after:  # one run gives the checkpoint and the uninterrupted run
-            compiled.save_checkpoint(args.save)
-            saved = compiled.full_state_dict()
-        if i == args.steps:
-            break
+
+    def save():  # --save-after: one run gives both the checkpoint and the uninterrupted run
+        nonlocal saved
+        compiled.save_checkpoint(args.save)
+        saved = compiled.full_state_dict()
+
+    for i, step in enumerate(range(args.start, args.start + args.steps)):
+        if args.save and i == args.save_after:
+            save()
         for micro in rank_micro_batches(data, step, GLOBAL, rank, world, 1):
             a, kw = batch(micro)
             compiled.backward(loss_of(compiled(*a, **kw)))
             compiled.step()
+    if args.save and saved is None:  # --save-after unset (or = --steps): save at the end
+        save()
     state = compiled.full_state_dict()
     if dist.get_rank() == 0:
         torch.save({"state": state, "saved": saved, "lr": compiled.get_lr(), "steps": compiled.global_steps}, args.out)

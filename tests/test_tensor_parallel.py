@@ -213,17 +213,22 @@ PARITY = [("gpt", 2, 96), ("gpt", 4, 96), ("hf_gpt2", 2, 96), ("hf_gpt2", 4, 97)
           ("hf_llama_kv4", 4, 96), ("hf_bert", 2, 97), ("hf_bert", 4, 96)]
 
 
-_RUNS: dict[tuple[int, int], dict] = {}  # (tp, vocab) -> {model: results}: one launch each
+_RUNS: dict[tuple, dict] = {}  # launch arguments -> {model: results}
+
+
+def run_shared(tmp_path_factory, names: list[str], world: int, tp: int, stages: str, vocab: int = VOCAB) -> dict:
+    """Every model in `names` trained in one `dsc run` launch (a launch costs ~8-15 s of start-up
+    on 2 cores), cached for the module's tests that ask for the same launch."""
+    key = (tuple(names), world, tp, stages, vocab)
+    if key not in _RUNS:
+        got = run_tp(tmp_path_factory.mktemp(f"ws{world}tp{tp}v{vocab}"), ",".join(names), world, tp, stages, vocab)
+        _RUNS[key] = got if len(names) > 1 else {names[0]: got}
+    return _RUNS[key]
 
 
 def run_parity(tmp_path_factory, tp: int, vocab: int) -> dict:
-    """Every PARITY model of this (tp, vocabulary) trained in one `dsc run` launch (a launch costs
-    ~8 s of start-up on 2 cores), cached for the module's tests."""
-    if (tp, vocab) not in _RUNS:
-        names = [m for m, t, v in PARITY if (t, v) == (tp, vocab)]
-        got = run_tp(tmp_path_factory.mktemp(f"tp{tp}v{vocab}"), ",".join(names), tp, tp, "0", vocab)
-        _RUNS[(tp, vocab)] = got if len(names) > 1 else {names[0]: got}
-    return _RUNS[(tp, vocab)]
+    """Every PARITY model of this (tp, vocabulary), trained on tp ranks in one launch."""
+    return run_shared(tmp_path_factory, [m for m, t, v in PARITY if (t, v) == (tp, vocab)], tp, tp, "0", vocab)
 
 
 @pytest.mark.slow
@@ -241,17 +246,12 @@ def test_tensor_parallel_training_matches_eager(tmp_path_factory, model_name, tp
     assert res["eval_gap"] <= 1e-6 * abs(res["losses"][-1])  # eval graph: same sharding, same weights
 
 
-_RUNS_2D: dict = {}  # both models of the 2-D test in one launch (a 4-rank start-up is ~15 s on 2 cores)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("model_name", ["gpt", "hf_llama"])
 def test_2d_tensor_and_data_parallel_with_zero_matches_eager(tmp_path_factory, model_name):
     """tp=2 x dp=2 on 4 ranks, ZeRO-1/2/3 over the data-parallel dimension."""
     ref_losses, ref_state, _, noise = eager_reference(model_name, 2)
-    if not _RUNS_2D:
-        _RUNS_2D.update(run_tp(tmp_path_factory.mktemp("tp2dp2"), "gpt,hf_llama", 4, 2, "1,2,3"))
-    results = _RUNS_2D[model_name]
+    results = run_shared(tmp_path_factory, ["gpt", "hf_llama"], 4, 2, "1,2,3")[model_name]  # both in one launch
     for stage, res in results.items():
         torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL,
                                    msg=lambda m: f"ZeRO-{stage} x tp=2 losses: {m}")
