@@ -1200,13 +1200,14 @@ def _pointwise_params(group: Group, lang: str = "c") -> dict:
 
 
 # op -> the gradient of its one tensor input, from that input {x}, the op's value {y} and the
-# gradient {g} flowing into it (eager's formulas, torch's derivatives.yaml, except tanh's 1 - y*y,
-# written (1 - y)(1 + y): no cancellation near |y| = 1). Written in C; `_in_lang` drops the `f`
-# of float literals for Triton, the rest (+ - * / and v_* helpers) reads the same in both.
+# gradient {g} flowing into it (eager's formulas, torch's derivatives.yaml, except tanh's 1 - y*y:
+# v_tanh_grad computes it from x, with no cancellation near |y| = 1). Written in C; `_in_lang`
+# drops the `f` of float literals for Triton, the rest (+ - * / and v_* helpers) reads the same in
+# both.
 _UNARY_GRADS = {
     aten.neg.default: "(-{g})", aten.relu.default: "v_relu_grad({y}, {g})",
     aten.silu.default: "({g} * v_silu_grad({x}))", aten.sigmoid.default: "({g} * {y} * (1.0f - {y}))",
-    aten.tanh.default: "({g} * ((1.0f - {y}) * (1.0f + {y})))", aten.exp.default: "({g} * {y})",
+    aten.tanh.default: "({g} * v_tanh_grad({x}))", aten.exp.default: "({g} * {y})",
     aten.rsqrt.default: "(-0.5f * {g} * {y} * {y} * {y})", aten.sqrt.default: "({g} * 0.5f / {y})",
     aten.clone.default: "{g}", aten.alias.default: "{g}", aten.contiguous.default: "{g}",
     aten.to.dtype: "{g}", aten._to_copy.default: "{g}",
