@@ -478,7 +478,14 @@ def main() -> int:
     p.add_argument("--run-length", type=int, default=BLOCK,
                    help="CPU: calls of one contender in a row within each round (1: strictly interleaved)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="glibc keeps freed memory for reuse (dsc.runtime.launch.keep_freed_memory, what `dsc run` "
+                   "sets for its ranks): fresh outputs, as autograd needs, are then not page-faulted in again")
     args = p.parse_args()
+    if args.keep_freed_memory:
+        from dsc.runtime.launch import keep_freed_memory
+
+        print(f"keep freed memory: {'on' if keep_freed_memory() else 'refused by the C library'}")
     patterns = [n for n in args.patterns.split(",") if n and n != "none"]
     if set(patterns) - set(PATTERNS):
         p.error(f"unknown pattern(s) {sorted(set(patterns) - set(PATTERNS))}; known: {', '.join(PATTERNS)}")

@@ -164,7 +164,8 @@ def cmd_run(args) -> int:
     if not args.script:
         print("dsc run: give a script to run, e.g. `dsc run --nproc 2 train.py`", file=sys.stderr)
         return 2
-    return launch(args.script[0], args.script[1:], args.nproc, args.nnodes, args.master_addr, args.master_port)
+    return launch(args.script[0], args.script[1:], args.nproc, args.nnodes, args.master_addr, args.master_port,
+                  keep_memory=args.keep_freed_memory == "on")
 
 
 def cmd_checkpoint(args) -> int:
@@ -252,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--nnodes", type=int, default=1, help="number of nodes (default 1)")
     r.add_argument("--master-addr", default="127.0.0.1", help="rendezvous address (default 127.0.0.1)")
     r.add_argument("--master-port", type=int, default=0, help="rendezvous port (default: a free one)")
+    r.add_argument("--keep-freed-memory", choices=["on", "off"], default="on",
+                   help="on (default): the ranks' glibc keeps freed memory for reuse instead of returning it "
+                   "to the kernel, so a training step does not page-fault its buffers in again (sets "
+                   "MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ where the environment does not)")
     r.add_argument("script", nargs=argparse.REMAINDER, help="script and its arguments")
     r.set_defaults(fn=cmd_run)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 
@@ -141,6 +142,33 @@ def test_run_passes_arguments_and_exit_code(tmp_path):
     assert "rank 0 ['hello', '--flag', '--start']" in ok.stdout and "rank 1" in ok.stdout
     bad = dsc("run", "--nproc", "1", str(script), "fail")
     assert bad.returncode == 3  # the script's own exit code
+
+
+def test_run_keeps_freed_memory_unless_told_or_set(tmp_path):
+    """`dsc run` gives its ranks glibc settings that keep freed memory for reuse (MALLOC_KEEP), but
+    not over the user's own values, nor with --keep-freed-memory off."""
+    from dsc.runtime.launch import MALLOC_KEEP
+
+    script = tmp_path / "env.py"
+    script.write_text("import os\nprint(os.environ.get('MALLOC_MMAP_THRESHOLD_'), os.environ.get('MALLOC_TRIM_THRESHOLD_'))\n")
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_KEEP}
+    cases = [([], env, f"{MALLOC_KEEP['MALLOC_MMAP_THRESHOLD_']} {MALLOC_KEEP['MALLOC_TRIM_THRESHOLD_']}"),
+             (["--keep-freed-memory", "off"], env, "None None"),
+             ([], {**env, "MALLOC_TRIM_THRESHOLD_": "0"}, f"{MALLOC_KEEP['MALLOC_MMAP_THRESHOLD_']} 0")]
+    for flags, environ, want in cases:
+        out = subprocess.run([*dsc_cmd(), "run", "--nproc", "1", *flags, str(script)], capture_output=True,
+                             text=True, env=environ, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip().splitlines()[-1] == want, (flags, out.stdout)
+
+
+def test_keep_freed_memory_in_process():
+    """The in-process form (mallopt), for training without `dsc run`: glibc accepts both settings
+    (in a child process: the setting lasts for the process)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt")
+    code = "import sys; from dsc.runtime.launch import keep_freed_memory; sys.exit(0 if keep_freed_memory() else 1)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
 def test_python_dash_m_dsc_works():
