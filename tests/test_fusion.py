@@ -469,7 +469,7 @@ def test_training_with_fusion_matches_eager(tmp_path, model_name, stages):
 
 
 TRITON_PATTERNS = ["layernorm", "residual_layernorm", "rmsnorm", "residual_rmsnorm", "softmax", "bias_gelu_erf",
-                   "gelu_new", "swiglu", "position_gelu", "dequant_asym_silu"]
+                   "bias_gelu_tanh", "gelu_new", "swiglu", "position_gelu", "dequant_asym_silu"]
 
 
 @pytest.mark.parametrize("name", TRITON_PATTERNS)
@@ -1531,7 +1531,7 @@ def test_vectorized_math_helpers_stay_within_their_stated_error(helper):
 # 8.9e-8 for tanh, 1.0e-6 for tanh-GELU, 2.9e-7 for GELU, 9.8e-7 for SiLU)
 _GRAD_HELPERS = {
     "v_tanh_grad": (torch.tanh, 2e-7),
-    "v_gelu_tanh_grad": (lambda x: F.gelu(x, approximate="tanh"), 2.5e-7),
+    "v_gelu_tanh_grad": (lambda x: F.gelu(x, approximate="tanh"), 2e-7),
     "v_gelu_erf_grad": (F.gelu, 2.5e-7),
     "v_silu_grad": (F.silu, 1e-6),
 }
