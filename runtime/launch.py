@@ -36,7 +36,8 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) & bool(mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))  # both set (&, not and)
+    kept = bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30))
+    return bool(mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)) and kept  # both set, whatever the first returned
 
 
 def free_port() -> int:
