@@ -58,8 +58,10 @@ class ShardingError(RuntimeError):
 
     def __init__(self, node: torch.fx.Node, reason: str, origins=frozenset()):
         self.node, self.reason, self.origins = node, reason, frozenset(origins)
-        stack = (node.meta.get("stack_trace") or "").strip().splitlines()
-        where = f" ({stack[-2].strip()})" if len(stack) >= 2 else ""
+        stack = (node.meta.get("stack_trace") or "").strip().splitlines()  # recorded under DSC_DEBUG=1
+        modules = list((node.meta.get("nn_module_stack") or {}).values())
+        where = f" ({stack[-2].strip()})" if len(stack) >= 2 else \
+            f" (in module '{modules[-1][0]}')" if modules and modules[-1][0] else ""
         mods = f" [sharded by: {', '.join(sorted(self.origins))}]" if self.origins else ""
         super().__init__(f"tensor_parallel: node '{node.name}' ({_op_name(node)}){where}: {reason}{mods}")
 
