@@ -1481,7 +1481,7 @@ _HELPERS = {
     "v_silu": (F.silu, None, 1.8e-7, None),
     "v_gelu_erf": (F.gelu, lambda x: 0.5 * x * torch.special.erfc(-x / math.sqrt(2.0)), None, 1.2e-6),
     "v_gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), lambda x: x * torch.sigmoid(2 * _GELU_TANH_U(x)),
-                    None, 9.6e-7),
+                    None, 1.0e-6),
 }
 
 
