@@ -1526,6 +1526,27 @@ def test_vectorized_math_helpers_stay_within_their_stated_error(helper):
             assert got == want_ or abs(got - want_) <= 1e-8 + 1e-6 * abs(want_), (helper, xv, got, want_)
 
 
+def test_exp_for_non_positive_arguments_is_v_exp_bit_for_bit():
+    """v_exp_neg (softmax's exp(z - max), the derivatives' exp(-...)) drops v_exp's overflow handling:
+    on x <= 0, -inf and NaN it must give v_exp's bits exactly."""
+    import ctypes
+
+    from dsc.codegen import cpu
+
+    x = torch.cat([-torch.linspace(0, 100, 1 << 20), torch.tensor([-0.0, -1e-30, -86.0, -86.001, -1e30,
+                                                                   float("-inf"), float("nan")])])
+    got = {}
+    for helper in ("v_exp", "v_exp_neg"):
+        src = cpu.render("pointwise.c.j2", name=f"probe_{helper}", dtype="f32", replaced="test", inputs=["full"],
+                         body=[f"const float t0 = {helper}(v0);"], outputs=["t0"], seeded=False)
+        fn, _, _ = cpu.compile_kernel(src, f"probe_{helper}")
+        got[helper] = torch.empty_like(x)
+        fn(cpu.ptr(x), cpu.ptr(got[helper]), ctypes.c_int64(1), ctypes.c_int64(x.numel()))
+    assert torch.equal(got["v_exp_neg"].view(torch.int32)[:-1], got["v_exp"].view(torch.int32)[:-1])
+    assert got["v_exp_neg"][-1].isnan() and got["v_exp"][-1].isnan()
+    torch.testing.assert_close(got["v_exp"][:-1], torch.exp(x[:-1]), rtol=2e-7, atol=5e-38)  # both ~1e-7 off e^x
+
+
 # derivative helper -> (the function it differentiates, bound on the max absolute error): what
 # common.h.j2 states for 1e7 points in [-20, 20], rounded up a little (torch's fp32 autograd:
 # 8.9e-8 for tanh, 1.0e-6 for tanh-GELU, 2.9e-7 for GELU, 9.8e-7 for SiLU)
