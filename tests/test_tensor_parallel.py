@@ -145,6 +145,7 @@ def test_heads_that_do_not_divide_are_an_error_naming_module_node_and_reason():
                                           "model.layers.*.self_attn.o_proj": "rowwise"})
     msg = str(err.value)
     assert "k_proj" in msg and "tensor_parallel.size 4" in msg and "does not divide" in msg
+    assert "(in module 'model.layers.0.self_attn')" in msg  # the node's module (its source line: DSC_DEBUG=1)
 
 
 def test_auto_declines_what_it_cannot_shard_and_says_why():
