@@ -25,6 +25,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_zero.py
 	$(BIN)/python benchmarks/bench_tp.py
 	$(BIN)/python benchmarks/bench_fusion.py
+	$(BIN)/python benchmarks/bench_capture.py
 
 clean:
 	rm -rf $(VENV) dsc_out .pytest_cache

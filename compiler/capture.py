@@ -176,10 +176,11 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> C
 @contextlib.contextmanager
 def _stack_traces(record: bool):
     """Whether export records each node's Python stack (`node.meta["stack_trace"]`) while it traces.
-    Recording extracts and symbolizes a traceback per traced op: 35-45% of capture time for
-    transformers' GPT-2 and Llama (hf_llama, 232 nodes: 0.70 -> 0.45 s a capture). Nothing in dsc
-    needs them: errors name the node and its module (`nn_module_stack`, which export keeps), and
-    `DSC_DEBUG=1` records them again for the source line of each node."""
+    Recording extracts and symbolizes a traceback per traced op: 10-20% of a 2-layer model's capture
+    and ~27% at 8 layers (benchmarks/bench_capture.py: transformers' Llama, 664 nodes, 1.67 -> 1.22 s
+    a capture, medians of alternating runs). Nothing in dsc needs them: errors name the node and its
+    module (`nn_module_stack`, which export keeps), and `DSC_DEBUG=1` records them again for the
+    source line of each node."""
     config = torch.fx.config
     before = getattr(config, "do_not_emit_stack_traces", None)
     if before is None:  # a torch without the switch records them

@@ -133,7 +133,7 @@ def test_capture_keeps_parameter_names_and_module_stack():
 
 
 def test_capture_records_source_lines_only_under_dsc_debug(monkeypatch):
-    """Stack traces cost 35-45% of a capture (capture.py, _stack_traces): off by default, on with
+    """Stack traces cost 10-27% of a capture (capture.py, _stack_traces): off by default, on with
     DSC_DEBUG=1, and torch's own switch is left as it was either way."""
     (x, y), _ = gpt_batch(dataset(1, 2))
     before = torch.fx.config.do_not_emit_stack_traces
