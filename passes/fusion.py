@@ -293,7 +293,7 @@ class Kernel:
         self._cargs: tuple | None = None  # the C kernel's constant arguments (_c_args)
         self._launched: set = set()  # dtypes whose Triton kernel has launched (compiled) once
         self.entry: dict | None = None  # its entry in the report's `kernels` (runtime fallbacks)
-        self.ran = True  # whether the last call ran the kernel (False: the unfused ops)
+        self._last = threading.local()  # per thread: whether its last call ran the kernel (`ran`)
 
     def _autocast_inputs(self, xs: list) -> list | None:
         """Under autocast, eager would run the group's ops with autocast's casts (LayerNorm in fp32,
@@ -315,6 +315,17 @@ class Kernel:
         if not target:  # outputs of several dtypes (a bf16 h beside an fp32 norm), or a cast that casts
             return None
         return [x.to(target) if x is not None and x.is_floating_point() and x.dtype != target else x for x in xs]
+
+    @property
+    def ran(self) -> bool:
+        """Whether this thread's last call ran the kernel (False: the unfused ops). Per thread: two
+        threads calling one compiled model (serving) must not see each other's answer, or a backward
+        would use the generated kernel for a forward that ran the unfused ops."""
+        return getattr(self._last, "ran", True)
+
+    @ran.setter
+    def ran(self, value: bool) -> None:
+        self._last.ran = value
 
     def _output(self, i: int, dtype: torch.dtype, device) -> torch.Tensor:
         """An output buffer. When the compiled model runs without autograd (inference) the previous

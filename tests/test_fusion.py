@@ -383,6 +383,32 @@ def test_training_never_reuses_an_output_that_autograd_saved():
         assert KERNELS[k["name"]]._pool[(0, torch.float32)].data_ptr() == first
 
 
+def test_whether_a_call_ran_the_kernel_is_kept_per_thread():
+    """A backward picks the generated kernel when its forward ran the kernel, the recompute when
+    the forward ran the unfused ops (`Kernel.ran`): a thread whose call fell back must not change
+    what another thread's call recorded."""
+    import threading
+
+    x, module = torch.randn(37, 53), LayerNormSmall()
+    compiled = dsc.compile(module, {"fusion": {"enabled": True}}, example_inputs=(x,))
+    [k] = compiled.report()["kernels"]
+    kernel = KERNELS[k["name"]]
+    xs = [x, module.ln.weight.detach(), module.ln.bias.detach()]  # the LayerNorm kernel's inputs
+    kernel(xs)
+    assert kernel.ran and kernel.calls["kernel"] == 1
+    seen = []
+
+    def other():  # another shape than the one compiled: this call runs the unfused ops
+        kernel([torch.randn(5, 53), *xs[1:]])
+        seen.append(kernel.ran)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert seen == [False] and kernel.calls["fallback"] == 1
+    assert kernel.ran  # this thread's last call still ran the kernel
+
+
 def test_second_compile_reuses_the_cached_kernel(tmp_path, monkeypatch):
     monkeypatch.setenv("DSC_CACHE_DIR", str(tmp_path))
     x = (torch.randn(37, 53),)
