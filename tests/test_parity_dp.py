@@ -71,16 +71,22 @@ def eager_reference(model_name: str, world: int, precision: str = "fp32"):
 
 
 def run_dsc(tmp_path, model_name: str, world: int, extra=(), env=None):
+    """ZeRO-0..3 of one model; its callers check training, not eval mode (test_zero_stages_match_eager
+    does): no eval graph is captured."""
     out = tmp_path / f"{model_name}_{world}_{len(extra)}.pt"
     dsc_run(world, TESTS / "dist_worker.py", "--model", model_name, "--stages", "0,1,2,3", "--steps", str(STEPS),
             "--micro", str(MICRO), "--gas", str(GAS), "--lr", str(LR), "--clip", str(CLIP), "--out", str(out),
-            *extra, env=env)
+            "--eval-stages", "none", *extra, env=env)
     return torch.load(out, weights_only=False)
 
 
 CASES = [("gpt", 1), ("gpt", 2), ("gpt", 4), ("hf_gpt2", 2), ("hf_gpt2", 4), ("hf_llama", 2), ("hf_llama", 4),
          ("hf_bert", 2)]
 _RUNS: dict[int, dict] = {}  # world size -> {model: results}: one launch per world size
+# Stages whose eval graph is checked, per world size. ZeRO-1/2 eval graphs are ZeRO-0's (whole weights
+# on every rank) and ZeRO-3's has its own gathers; each costs a capture per rank per model, so the
+# 2- and 4-rank launches check two stages each and the 1-rank launch all four.
+EVAL_STAGES = {1: "0,1,2,3", 2: "0,3", 4: "2,3"}
 
 
 def run_models(tmp_path_factory, world: int) -> dict:
@@ -91,7 +97,7 @@ def run_models(tmp_path_factory, world: int) -> dict:
         out = tmp_path_factory.mktemp(f"ws{world}") / "results.pt"
         dsc_run(world, TESTS / "dist_worker.py", "--model", ",".join(names), "--stages", "0,1,2,3", "--steps",
                 str(STEPS), "--micro", str(MICRO), "--gas", str(GAS), "--lr", str(LR), "--clip", str(CLIP),
-                "--out", str(out))
+                "--eval-stages", EVAL_STAGES[world], "--out", str(out))
         got = torch.load(out, weights_only=False)
         _RUNS[world] = got if len(names) > 1 else {names[0]: got}
     return _RUNS[world]
@@ -114,7 +120,10 @@ def test_zero_stages_match_eager(tmp_path_factory, model_name, world):
             assert (res["shm"]["reduce_scatter"] > 0) == (stage >= 1), (stage, res["shm"])
             assert res["shm"]["all_reduce"] > 0, (stage, res["shm"])
         # eval mode runs its own graph (ZeRO-3: with its own gathers) on the same weights
-        assert res["eval_gap"] <= 1e-6 * abs(res["losses"][-1]), (stage, res["eval_gap"])
+        if str(stage) in EVAL_STAGES[world].split(","):
+            assert res["eval_gap"] <= 1e-6 * abs(res["losses"][-1]), (stage, res["eval_gap"])
+        else:
+            assert res["eval_gap"] is None  # not captured in this launch
 
 
 def assert_memory_is_analytic(res: dict, stage: int, world: int, gathered: bool = True, grad_bytes: int = 4) -> None:
