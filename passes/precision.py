@@ -3,8 +3,11 @@
 Requires: a captured graph. Guarantees: no `aten._assert_tensor_metadata` node that pins a
 floating-point dtype remains. torch.export records such assertions next to `.to(dtype)` calls,
 with the dtypes seen at capture (fp32); under autocast a matmul yields bf16/fp16 and the assertion
-would fail although the program is right. The runtime runs the graph under torch.autocast
-(`dsc.runtime.precision`), which chooses each op's compute dtype as eager autocast does.
+would fail although the program is right. Under a bf16/fp16 plan the runtime runs the graph under
+torch.autocast (`dsc.runtime.precision`), which chooses each op's compute dtype as eager autocast
+does; under an fp32 plan the caller may do the same (`with torch.autocast(...): compiled(x)`, as
+they would around the eager model), so the pass runs for every plan. The assertions only check
+dtypes; nothing reads them, and dropping them changes no value.
 Reads/writes node.meta: none.
 """
 
@@ -33,5 +36,7 @@ def relax_dtype_asserts(gm: torch.fx.GraphModule, ctx: CompileContext) -> PassRe
                     removed += 1
         if removed > before and mod is not gm:
             mod.recompile()
-    return PassResult(summary=f"{ctx.plan.precision.dtype} autocast: removed {removed} capture-time dtype "
-                              "assertion(s)", changed_graph=removed > 0, details={"removed": removed})
+    why = f"{ctx.plan.precision.dtype} autocast" if ctx.plan.precision.dtype != "fp32" else \
+        "a caller's torch.autocast may change dtypes"
+    return PassResult(summary=f"removed {removed} capture-time dtype assertion(s) ({why})",
+                      changed_graph=removed > 0, details={"removed": removed})

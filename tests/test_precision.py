@@ -152,3 +152,31 @@ def test_fp16_gradient_accumulation_with_loss_scaling_matches_fp32_accumulation(
     assert abs(norm - ref_norm) <= 2e-3 * ref_norm
     for k, v in ref.items():
         assert float((got[k] - v).norm()) <= 2e-3 * float(v.norm()) + 1e-6, k
+
+
+@pytest.mark.parametrize("fusion", [False, True], ids=["unfused", "fused"])
+def test_a_callers_autocast_around_an_fp32_plan_matches_eager_autocast(fusion):
+    """Users wrap a model in torch.autocast themselves; the compiled one must take it as the eager
+    one does. Its graph was captured in fp32 (example inputs at compile), with capture-time dtype
+    assertions that autocast's bf16 matmuls break (Llama's rotary embedding casts inside a no_grad
+    region: "Tensor dtype mismatch"): relax_dtype_asserts runs under every plan. Loss and gradients
+    equal eager autocast's within the bf16 bound of the parity tests (LOW_TOL): the captured graph
+    builds the causal mask that eager's attention leaves to `is_causal` (its bf16 attention takes
+    another path: 2e-3 apart in the embedding's gradient), and fused kernels compute in fp32 and
+    round once where eager rounds after each op."""
+    ref, model = hf_llama(), hf_llama()  # the same seed: the same weights
+    a, kw = hf_batch(dataset(1, 4))
+    compiled = dsc.compile(model, {"optimizer": {"type": "adamw"}, "fusion": {"enabled": fusion}},
+                           example_inputs=(a, kw))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = compiled(*a, **kw).loss
+        expected = ref(*a, **kw).loss
+    compiled.backward(loss)
+    expected.backward()
+    assert loss.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=1e-2, atol=0)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        err, scale = float((p.grad - q.grad).norm()), float(q.grad.norm())
+        assert err <= 1e-2 * scale, f"{name}: |diff| {err:.3g} vs |ref| {scale:.3g}"
+    if fusion:
+        assert compiled.report()["kernels"]
