@@ -216,6 +216,33 @@ def test_fused_pattern_matches_eager_forward_and_backward(name, dtype):
             torch.testing.assert_close(g.float(), r.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("cols", [781, 780], ids=["odd_ST", "even_PK"])
+@pytest.mark.parametrize("name", ["bias_gelu_erf", "swiglu", "rmsnorm", "residual_layernorm", "softmax"])
+def test_bf16_kernels_keep_nan_and_infinity_where_eager_has_them(name, cols, monkeypatch):
+    """bf16 stores round without a NaN test (common.h.j2, ST/PK): a NaN in a bf16 kernel has its low
+    16 bits zero, so rounding cannot carry it into an infinity. NaN and +-inf inputs, and the
+    finite values that overflow bf16, come out NaN and +-inf where eager's do, in rows of odd
+    length (one element per lane, ST) and even length (two per 32-bit word, PK)."""
+    monkeypatch.setitem(globals(), "COLS", cols)  # the pattern modules and inputs() read it
+    build, _ = PATTERNS[name]
+    torch.manual_seed(0)
+    module = build().to(torch.bfloat16)
+    xs = [x.clone() for x in inputs(name, torch.bfloat16)]
+    x = xs[0]
+    x[0, :7] = torch.tensor([float("nan"), float("inf"), float("-inf"), 3.3e38, -3.3e38, 1e38, 0.0])
+    x[1, 3] = float("nan")  # one NaN in an otherwise finite row
+    x[2, ::2] = float("inf")
+    compiled = dsc.compile(module, {"fusion": {"enabled": True}}, example_inputs=tuple(xs))
+    with torch.no_grad():
+        got, want = compiled(*xs).float(), module(*xs).float()
+    [k] = compiled.report()["kernels"]
+    assert KERNELS[k["name"]].calls["kernel"] >= 1
+    assert torch.equal(got.isnan(), want.isnan()), (got.isnan().sum(), want.isnan().sum())
+    assert torch.equal(got.isposinf(), want.isposinf()) and torch.equal(got.isneginf(), want.isneginf())
+    fin = want.isfinite()
+    torch.testing.assert_close(got[fin], want[fin], rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", ["residual_layernorm", "residual_rmsnorm", "softmax", "gelu_new", "position_gelu"])
 def test_streaming_stores_write_what_plain_stores_write(name, dtype, monkeypatch):
