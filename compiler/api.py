@@ -212,8 +212,8 @@ class CompiledModel(nn.Module):
                 self._shard_eval_graph(gm, ctx)
             if isinstance(self._engine, Zero3Engine):
                 self._zero3_eval_graph(gm, ctx)
-            relax_dtype_asserts(gm, ctx)  # (under any plan: a caller's autocast, as in the training graph)
-            gm.recompile()
+            if relax_dtype_asserts(gm, ctx).changed_graph:  # (any plan: a caller's autocast, as in training)
+                gm.recompile()
             if self._plan.fusion.enabled and self._plan.fusion.backend != "none":
                 self._eval_fusion = fuse_kernels(gm, ctx)  # inference is where output buffers get reused
             self._eval_gm = gm
